@@ -15,10 +15,10 @@ class RejectLog:
     """Counts rejects per reason and writes one jsonl line per reject (file, line, reason, message).
 
     With `strict=True` the first reject raises `DataError` instead. `path=None` keeps the lines in
-    memory only (`self.entries`).
+    memory only (`self.entries`); `append=True` continues an existing file (resumed runs).
     """
 
-    def __init__(self, path: str | Path | None = None, *, strict: bool = False):
+    def __init__(self, path: str | Path | None = None, *, strict: bool = False, append: bool = False):
         self.path = Path(path) if path is not None else None
         self.strict = strict
         self.counts: Counter[str] = Counter()
@@ -26,7 +26,7 @@ class RejectLog:
         self._fh = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("w", encoding="utf-8")
+            self._fh = self.path.open("a" if append else "w", encoding="utf-8")
 
     def add(self, reason: str, message: str, *, file: str | Path | None = None, line: int | None = None,
             source: str | None = None) -> None:

@@ -63,7 +63,7 @@ def _chunk_token_logps(
     The matmul runs in the input dtype (tensor cores for bf16); the [n, V] chunk is upcast before
     the logsumexp, where bf16 would lose most of the precision.
     """
-    logits = hidden_ND @ weight_VD.t()
+    logits = weight_VD(hidden_ND) if isinstance(weight_VD, torch.nn.Module) else hidden_ND @ weight_VD.t()
     if bias_V is not None:
         logits = logits + bias_V
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -120,6 +120,7 @@ def sequence_logps(
     chunk_size: int = 1024,
     ignore_index: int = -100,
     lm_head_bias: torch.Tensor | None = None,
+    min_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log π(label_t | ·) over the labelled positions of each sequence, chunked.
 
@@ -136,7 +137,8 @@ def sequence_logps(
         hidden_BTD: final hidden states [B, T, D] (bf16/fp16/fp32/fp64), already aligned so that
             hidden[:, t] predicts labels[:, t]: the caller shifts (see `shift_for_next_token`).
         lm_head_weight_VD: LM head weight [V, D] (`nn.Linear.weight`), same dtype as hidden
-            unless under autocast.
+            unless under autocast; or the LM head module itself (an nn.Linear, bias included),
+            called once per chunk, which is what a ZeRO-3-partitioned model needs.
         labels_BT: target ids [B, T], in [0, V) or `ignore_index`.
         chunk_size: tokens per chunk. Peak extra memory is about four fp32 [chunk_size, V]
             buffers (logits copy, logsumexp temporaries, their gradients in backward), measured
@@ -145,6 +147,8 @@ def sequence_logps(
             the default 1024 costs ~2.3 GiB; 256 brings it to ~0.6 GiB.
         ignore_index: label value that marks positions without loss (prompt, padding).
         lm_head_bias: optional bias [V].
+        min_chunks: run at least this many chunks (extra ones are empty). Under ZeRO-3 every rank
+            must call a partitioned head module equally often; the caller passes the max over ranks.
 
     Returns:
         (logps_B, num_tokens_B): summed log-probs in nats, fp32 ([B]; fp64 for fp64 inputs), 0
@@ -154,9 +158,23 @@ def sequence_logps(
     Cost: one host sync (boolean-mask gather, needed to know N) plus one for the label range
     check.
     """
-    _check_sequence_inputs(hidden_BTD, lm_head_weight_VD, labels_BT, chunk_size, lm_head_bias)
+    if isinstance(lm_head_weight_VD, torch.nn.Module):
+        # A head module (nn.Linear) is called per chunk instead of reading its weight, so that
+        # wrappers that gather parameters on call (DeepSpeed ZeRO-3) see every use of it.
+        head = lm_head_weight_VD
+        if not hasattr(head, "out_features") or not hasattr(head, "in_features"):
+            raise ValueError("an lm_head module must be nn.Linear-like (in_features, out_features)")
+        if hidden_BTD.dim() != 3 or hidden_BTD.shape[-1] != head.in_features:
+            raise ValueError(f"hidden_BTD must be [B, T, {head.in_features}], got {tuple(hidden_BTD.shape)}")
+        weight_like = torch.empty(head.out_features, head.in_features, dtype=hidden_BTD.dtype, device="meta")
+        _check_sequence_inputs(hidden_BTD.to("meta"), weight_like, labels_BT.to("meta"), chunk_size, None)
+        vocab_size = head.out_features
+        params = list(head.parameters())
+    else:
+        _check_sequence_inputs(hidden_BTD, lm_head_weight_VD, labels_BT, chunk_size, lm_head_bias)
+        vocab_size = lm_head_weight_VD.shape[0]
+        params = [lm_head_weight_VD, lm_head_bias]
     batch_size, seq_len, _ = hidden_BTD.shape
-    vocab_size = lm_head_weight_VD.shape[0]
     device = hidden_BTD.device
 
     mask_BT = labels_BT != ignore_index
@@ -173,12 +191,12 @@ def sequence_logps(
         )
 
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden_BTD, lm_head_weight_VD, lm_head_bias)
+        t is not None and t.requires_grad for t in (hidden_BTD, *params)
     )
     pieces = []
     # max(..., 1): an all-ignored batch still runs one empty chunk so the result stays connected
     # to the graph (backward then gives zero gradients instead of failing).
-    for start in range(0, max(num_labelled, 1), chunk_size):
+    for start in range(0, max(num_labelled, 1, min_chunks * chunk_size), chunk_size):
         stop = start + chunk_size
         args = (hidden_ND[start:stop], lm_head_weight_VD, targets_N[start:stop], lm_head_bias)
         if needs_grad:
