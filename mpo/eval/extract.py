@@ -6,7 +6,7 @@ Everything here is a pure function of strings, so scorers stay deterministic and
 - :func:`extract_option` finds a multiple-choice letter (VLMEvalKit-style rules, see REFERENCE §7);
 - :func:`extract_yes_no` and :func:`extract_number` handle yes/no and numeric answers;
 - :func:`normalize_answer`, :func:`anls` and :func:`numbers_match` are the matching primitives that
-  the scorers share.
+  the scorers share (the per-pair ANLS score and edit distance come from :mod:`data_pipeline.matching`).
 
 Example::
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+
+from data_pipeline.matching import anls_score
 
 FINAL_ANSWER_TRIGGER = "final answer:"
 
@@ -46,6 +48,8 @@ _WORD_NUMBERS = {
 _ARTICLES = {"a", "an", "the"}
 
 
+# Kept apart from data_pipeline.answers (tolerant trigger, quote/conflict/reasoning rules): benchmark
+# scoring parses after the literal "Final answer:" the CoT prompt asks for and never rejects a response.
 def answer_span(prediction: str, *, cot: bool = False) -> str:
     """Return the part of ``prediction`` that holds the answer.
 
@@ -84,6 +88,8 @@ def _match_option_text(text: str, options: dict[str, str]) -> str | None:
     return maximal[0] if len(maximal) == 1 else None
 
 
+# VLMEvalKit's option rules (REFERENCE §7: last-tokens window, article "A"), not MMPR's extract_choice_letter,
+# so scores compare with published ones ("the answer is (b)" is None here, B there).
 def extract_option(prediction: str, options: dict[str, str], *, cot: bool = False) -> str | None:
     """Extract the chosen option letter from a free-text prediction.
 
@@ -142,6 +148,7 @@ def extract_option(prediction: str, options: dict[str, str], *, cot: bool = Fals
     return _match_option_text(text, options)
 
 
+# Not matching._yes_no (a leading "yes or" hedges there): "yes or maybe" is yes here, None there.
 def extract_yes_no(prediction: str, *, cot: bool = False) -> str | None:
     """Return ``"yes"``, ``"no"`` or ``None`` for a yes/no prediction.
 
@@ -160,6 +167,7 @@ def extract_yes_no(prediction: str, *, cot: bool = False) -> str | None:
     return None
 
 
+# Not answers.find_boxed (outermost boxes, \fbox too): the eval reads the last balanced \boxed{ (inner one if nested).
 def _last_boxed(text: str) -> str | None:
     """Content of the last balanced ``\\boxed{...}``, or None."""
     starts = [m.end() for m in _BOXED_RE.finditer(text)]
@@ -183,6 +191,7 @@ def _parse_number_token(token: str) -> float | None:
         return None
 
 
+# Not matching.parse_number (exactly one plain number or None): a free-form benchmark answer scores its last number.
 def extract_number(prediction: str, *, cot: bool = False) -> float | None:
     """Return the last number in the answer as a float, or None.
 
@@ -203,6 +212,7 @@ def extract_number(prediction: str, *, cot: bool = False) -> float | None:
     return float(_WORD_NUMBERS[words[-1]]) if words else None
 
 
+# Not matching's number mode (percent-as-fraction, exact integers): the eval compares floats with math.isclose.
 def numbers_match(predicted: float | None, gold: float, *, rel_tol: float = 1e-3) -> bool:
     """True when ``predicted`` equals ``gold`` within ``rel_tol`` (relative; 1e-9 absolute floor)."""
     if predicted is None or math.isnan(predicted):
@@ -210,22 +220,13 @@ def numbers_match(predicted: float | None, gold: float, *, rel_tol: float = 1e-3
     return math.isclose(predicted, gold, rel_tol=rel_tol, abs_tol=1e-9)
 
 
+# Not matching.vqa_normalize ("two" -> "2", "don't" = "dont"): the eval's short-answer match keeps words as written.
 def normalize_answer(text: str) -> str:
     """VQA-style normalisation: lower-case, drop punctuation (keeping decimal points) and articles."""
     text = _THOUSANDS_COMMA_RE.sub("", str(text).lower().strip())
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
     text = re.sub(r"[^\w\s.]", " ", text)
     return " ".join(word for word in text.split() if word not in _ARTICLES)
-
-
-def _edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
 
 
 def anls(prediction: str, golds: list[str], *, threshold: float = 0.5) -> float:
@@ -237,12 +238,9 @@ def anls(prediction: str, golds: list[str], *, threshold: float = 0.5) -> float:
     """
     if not golds:
         raise ValueError("anls needs at least one gold answer")
-    pred = " ".join(prediction.lower().split())
     best = 0.0
     for gold in golds:
-        gold_norm = " ".join(str(gold).lower().split())
-        longest = max(len(pred), len(gold_norm))
-        similarity = 1.0 if longest == 0 else 1.0 - _edit_distance(pred, gold_norm) / longest
+        similarity = anls_score(prediction, str(gold))  # the per-pair score MMPR's "anls" mode uses
         if similarity >= threshold:
             best = max(best, similarity)
     return best
