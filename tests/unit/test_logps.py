@@ -340,3 +340,26 @@ def test_naive_and_shift_bad_inputs_raise():
         shift_for_next_token(logits, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError):
         shift_for_next_token(logits[:, :0], torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_head_module_path_and_min_chunks_match_weight_path():
+    """Passing the LM head module (what ZeRO-3 needs) equals passing its weight; padding chunks is free."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 40, bias=True)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 6))
+    labels[1, :4] = -100
+    by_weight, n1 = sequence_logps(hidden, head.weight, labels, chunk_size=3, lm_head_bias=head.bias)
+    by_module, n2 = sequence_logps(hidden, head, labels, chunk_size=3, min_chunks=5)
+    torch.testing.assert_close(by_module, by_weight)
+    assert torch.equal(n1, n2)
+    (g_w,) = torch.autograd.grad(by_weight.sum(), hidden)
+    (g_m,) = torch.autograd.grad(by_module.sum(), hidden)
+    torch.testing.assert_close(g_m, g_w)
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        sequence_logps(hidden, head, labels, chunk_size=3, min_chunks=5)
+    assert len(calls) == 5  # 6 labelled tokens = 2 chunks, padded to the agreed 5
+    with pytest.raises(ValueError):
+        sequence_logps(hidden, torch.nn.Linear(7, 40), labels)
