@@ -73,11 +73,15 @@ def _child_outcomes() -> dict[str, tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1"}
-        subprocess.run(
+        proc = subprocess.run(
             [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
              f"--junitxml={report}"],
-            env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=600,
+            env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+            timeout=600,
         )
+        if not report.exists():
+            raise AssertionError(f"child pytest wrote no report:\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-3000:]}")
         outcomes = {}
         for case in ET.parse(report).getroot().iter("testcase"):
             bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
