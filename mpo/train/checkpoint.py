@@ -91,10 +91,14 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
 
 
 def full_state_dict(engine, *, zero_stage: int) -> dict | None:
-    """The complete model state dict on rank 0 (None elsewhere under ZeRO-3)."""
+    """The complete model state dict on rank 0 (None elsewhere under ZeRO-3), without the wrapper's prefix."""
     if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    if state is None:
+        return None
+    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def export_hf(engine, processor, out_dir: Path, *, zero_stage: int, rank: int, lora: bool) -> Path | None:
@@ -104,7 +108,7 @@ def export_hf(engine, processor, out_dir: Path, *, zero_stage: int, rank: int, l
     state = full_state_dict(engine, zero_stage=zero_stage)
     if rank != 0:
         return None
-    module = engine.module
+    module = engine.module.model  # inside the PreferenceLogps wrapper
     if lora:  # merge adapters into the base weights so the export is a plain InternVL checkpoint
         merged = module.merge_and_unload()
         model, state = merged, {k: v.detach().cpu() for k, v in merged.state_dict().items()}

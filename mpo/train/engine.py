@@ -1,7 +1,8 @@
 """Distributed setup, model preparation (freezing, LoRA, checkpointing), optimizer, schedule, DeepSpeed.
 
 Single-process runs (plain `python launch/train.py`) get a one-rank process group, so the same
-DeepSpeed path serves 1 CPU and N GPUs.
+DeepSpeed path serves 1 CPU and N GPUs. Under `srun` (one task per GPU, no torchrun) the ranks come
+from SLURM's environment (`slurm_dist_env`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 
 from mpo.config import TrainConfig
 from mpo.model.load import resolve_dtype
+from mpo.train.policy import PreferenceLogps
 
 
 @dataclass
@@ -32,6 +36,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _scontrol_hostnames(nodelist: str) -> list[str]:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def slurm_dist_env(environ: Mapping[str, str],
+                   expand_nodelist: Callable[[str], list[str]] = _scontrol_hostnames) -> dict[str, str]:
+    """torch.distributed variables for a process started by `srun` (one task per GPU, no torchrun).
+
+    Returns {} when RANK is already set (torchrun, or a caller) or when this process is not a task
+    of an srun step: a batch script's own shell has SLURM_PROCID=0 and the allocation's SLURM_NTASKS,
+    but no SLURM_STEP_ID, and deriving WORLD_SIZE there would wait forever for ranks never started.
+    Otherwise RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID, the step's task count
+    (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS) and SLURM_LOCALID; MASTER_ADDR (unless set) is
+    127.0.0.1 on a one-node job, else the first host of SLURM_JOB_NODELIST as `expand_nodelist`
+    (default `scontrol show hostnames`) lists it; MASTER_PORT (unless set) is 20000 + job id % 20000,
+    the same on every rank without communication, and different for jobs sharing a node.
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_ID" not in environ:
+        return {}
+    num_tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if not num_tasks:
+        return {}
+    rank, world_size = int(environ["SLURM_PROCID"]), int(num_tasks)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"SLURM_PROCID={rank} is outside the step's {world_size} tasks; launch one task per GPU with srun")
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" in environ:
+        out["MASTER_ADDR"] = environ["MASTER_ADDR"]
+    elif environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES")) == "1":
+        out["MASTER_ADDR"] = "127.0.0.1"  # all ranks are local: no name resolution needed (containers)
+    else:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("SLURM_JOB_NODELIST is not set: set MASTER_ADDR to the first node's address")
+        out["MASTER_ADDR"] = expand_nodelist(nodelist)[0]
+    if "MASTER_PORT" in environ:
+        out["MASTER_PORT"] = environ["MASTER_PORT"]
+    else:
+        job_id = environ.get("SLURM_JOB_ID", "")
+        if not job_id.isdigit():
+            raise ValueError(f"SLURM_JOB_ID={job_id!r} is not a number: set MASTER_PORT for the process group")
+        out["MASTER_PORT"] = str(20000 + int(job_id) % 20000)
+    return out
+
+
 def init_distributed(device_pref: str = "auto") -> DistEnv:
     """Initialise torch.distributed for DeepSpeed (NCCL on GPU, gloo on CPU)."""
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
@@ -39,6 +89,7 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or auto")
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(slurm_dist_env(os.environ))  # srun tasks: ranks from SLURM (no-op otherwise)
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -126,14 +177,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_cuda: bool) -> dict:
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, total_steps: int, env: DistEnv):
-    """Wrap `model` with DeepSpeed, AdamW and the cosine schedule. Returns the engine."""
+    """Wrap `model` (as `PreferenceLogps`) with DeepSpeed, AdamW and the cosine schedule. Returns the engine."""
     import deepspeed
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, o.warmup_ratio, o.min_lr_ratio))
     ds_config = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=PreferenceLogps(model), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
     return engine
 
 
@@ -146,6 +198,6 @@ def reference_engine(model: nn.Module, cfg: TrainConfig, env: DistEnv):
 
     ds_config = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
     ds_config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 1e4}
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=PreferenceLogps(model), config=ds_config)
     engine.eval()
     return engine

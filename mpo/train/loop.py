@@ -6,7 +6,8 @@
 Per micro-step: the policy's summed response log-probs (vision tower once per pair, chunked LM head),
 the reference's (frozen copy, on-disk cache, or adapters disabled), the reward shift δ updated with
 this batch's rewards summed across ranks (one all-reduce), then the weighted DPO + BCO + SFT loss.
-Metrics stay on device and are reduced once per logging interval.
+Metrics stay on device and are reduced once per logging interval. A stop signal from SLURM (SIGTERM,
+SIGUSR1/2) ends the run after the current optimizer step with a checkpoint and a requeue (preempt.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from mpo.losses import MPOLossConfig, RewardShift, mpo_loss, reward_stats
 from mpo.model.load import load_model, load_processor, resolve_dtype
 from mpo.model.tokenizer import INTERNVL25_SYSTEM_PROMPT
 from mpo.train import checkpoint as ckpt
+from mpo.train import preempt
 from mpo.train.assets import ensure_assets
 from mpo.train.data import PairBatches, rejects_path
 from mpo.train.engine import build_engine, init_distributed, prepare_model, reference_engine
@@ -105,7 +109,21 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run in `cfg.run_dir`; returns a summary dict."""
+    """Run (or resume) a training run in `cfg.run_dir`; returns a summary dict.
+
+    On SIGTERM/SIGUSR1/SIGUSR2 the run saves a checkpoint after the current optimizer step and
+    stops; rank 0 then requeues the SLURM job (see mpo/train/preempt.py) and the summary says
+    "preempted". Where the job is not requeued (not under SLURM, or cancelled), rank 0 exits with
+    SystemExit and a message saying how to resume.
+    """
+    stop_flag = preempt.PreemptionFlag().install()  # before DataLoader workers fork: they inherit it
+    try:
+        return _train(cfg, stop_flag)
+    finally:
+        stop_flag.uninstall()
+
+
+def _train(cfg: TrainConfig, stop_flag: preempt.PreemptionFlag) -> dict:
     env = init_distributed(cfg.device)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +148,7 @@ def train(cfg: TrainConfig) -> dict:
     reference = None if cfg.reference.strategy == "lora" else build_reference(cfg, model, dataset, env, dtype, run_dir)
     engine = build_engine(model, cfg, total_steps, env)
     if reference is None:
-        reference = build_reference(cfg, engine.module, dataset, env, dtype, run_dir)
+        reference = build_reference(cfg, engine.module.model, dataset, env, dtype, run_dir)
 
     shift, step, position = RewardShift(), 0, 0
     state = ckpt.load_checkpoint(engine, ckpt_dir)
@@ -158,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
     acc = MetricAccumulator()
     rates = Throughput(num_params, cfg.logger.peak_tflops or guess_peak_tflops(), env.world_size)
     engine.train()
-    stopped_early = False
+    stopped_early = preempted = False
     while step < total_steps:
         for _ in range(accumulation):
             batch = batches.next().to(env.device, dtype)
@@ -186,12 +204,13 @@ def train(cfg: TrainConfig) -> dict:
                 writer.write(step, logged)
         if writer is not None:
             writer.advance()
-        if step % cfg.save_every == 0 or step == total_steps:
+        preempted = step < total_steps and stop_flag.agreed(env.world_size, env.device)  # one tiny all-reduce
+        if step % cfg.save_every == 0 or step == total_steps or preempted:
             client = {"step": step, "reward_shift": shift.state_dict(),
                       "data_positions": ckpt.gather_objects(batches.position, env.world_size),
                       "rng": ckpt.gather_objects(ckpt.rng_state(), env.world_size)}
             ckpt.save_checkpoint(engine, ckpt_dir, step, client, rank=env.rank, keep_last=cfg.keep_last)
-        if cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps:
+        if preempted or (cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps):
             stopped_early = True
             break
     batches.rejects.close()
@@ -204,5 +223,12 @@ def train(cfg: TrainConfig) -> dict:
         if env.rank == 0:
             plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     _barrier()
+    if preempted and env.rank == 0:  # last: SLURM kills the job soon after a requeue
+        print(f"[mpo] preempted: saved checkpoint {ckpt.step_tag(step)}", flush=True)
+        outcome = preempt.requeue_after_checkpoint(stop_flag)
+        if outcome not in ("requeued", "already_requeued"):
+            cause = signal.Signals(stop_flag.signum).name if stop_flag.is_set else "a stop signal to another rank"
+            sys.exit(f"[mpo] stopped at step {step} by {cause}; checkpoint saved in {ckpt_dir}; "
+                     f"not requeued ({outcome}): run the same command again to resume")
     return {"step": step, "total_steps": total_steps, "delta": shift.mean, "final": str(final) if final else None,
-            "stopped_early": stopped_early}
+            "stopped_early": stopped_early, "preempted": preempted}

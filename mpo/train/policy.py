@@ -18,6 +18,10 @@ from mpo.data.collate import PreferenceBatch
 from mpo.train.logps import sequence_logps, shift_for_next_token
 
 
+# Under ZeRO-3, at least this many tokens per LM-head chunk (4096 x 152k vocab fp32 = 2.5 GB).
+ZERO3_MIN_CHUNK = 4096
+
+
 def unwrap_internvl(model: nn.Module) -> InternVLForConditionalGeneration:
     """The `InternVLForConditionalGeneration` inside DeepSpeed / PEFT wrappers."""
     for _ in range(8):
@@ -25,6 +29,8 @@ def unwrap_internvl(model: nn.Module) -> InternVLForConditionalGeneration:
             return model
         if hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
+        elif isinstance(model, PreferenceLogps):
+            model = model.model
         elif isinstance(getattr(model, "module", None), nn.Module):  # DeepSpeed engine
             model = model.module
         else:
@@ -44,22 +50,15 @@ def image_features(internvl: nn.Module, pixel_values: torch.Tensor) -> torch.Ten
     return feats.reshape(-1, feats.shape[-1])
 
 
-def batch_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 256,
-                always_run_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of a batch: (chosen [B], rejected [B], chosen_tokens [B], rejected_tokens [B]).
-
-    `always_run_vision` runs the vision tower on a dummy tile when the batch has no image, adding
-    zero to the result: under ZeRO-3 every rank must run the same modules (their parameters are
-    gathered collectively), and it keeps the tower in every step's graph.
-    """
-    internvl = unwrap_internvl(model)
+def _sequence_logps(internvl: nn.Module, input_ids, attention_mask, labels, pixel_values, chunk_size: int,
+                    always_run_vision: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of every row ([2B] each)."""
     inner = internvl.model
-    embed = inner.get_input_embeddings()
-    inputs_embeds = embed(batch.input_ids)
+    inputs_embeds = inner.get_input_embeddings()(input_ids)
     image_token_id = internvl.config.image_token_id
-    if batch.pixel_values is not None:
-        feats = image_features(internvl, batch.pixel_values).to(inputs_embeds.dtype)
-        mask = (batch.input_ids == image_token_id).unsqueeze(-1)
+    if pixel_values is not None:
+        feats = image_features(internvl, pixel_values).to(inputs_embeds.dtype)
+        mask = (input_ids == image_token_id).unsqueeze(-1)
         expected = int(mask.sum())
         if expected != 2 * feats.shape[0]:
             raise ValueError(f"image tokens in batch ({expected}) != 2 x image features ({feats.shape[0]})")
@@ -68,15 +67,50 @@ def batch_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 2
         size = internvl.config.vision_config.image_size
         dummy = torch.zeros(1, 3, size[0], size[1], device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         inputs_embeds = inputs_embeds + 0.0 * image_features(internvl, dummy).sum().to(inputs_embeds.dtype)
-    out = inner.language_model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
-    hidden, labels = shift_for_next_token(out.last_hidden_state, batch.labels)
+    out = inner.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+    hidden, labels = shift_for_next_token(out.last_hidden_state, labels)
     min_chunks = 1
     if hasattr(internvl.lm_head.weight, "ds_id") and dist.is_initialized():
-        # ZeRO-3: the head's parameters are gathered collectively on every call, so all ranks must
-        # call it equally often: agree on the largest chunk count (one tiny all-reduce).
+        # ZeRO-3 all-gathers the head's weight (V x D) on every call, and backward recomputes each
+        # chunk: large chunks keep that to a call or two per pass. All ranks must also call it
+        # equally often: agree on the largest chunk count (one tiny all-reduce).
+        chunk_size = max(chunk_size, ZERO3_MIN_CHUNK)
         n = torch.tensor([math.ceil(int((labels != -100).sum()) / chunk_size)], device=hidden.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         min_chunks = int(n)
-    logps, num_tokens = sequence_logps(hidden, internvl.lm_head, labels, chunk_size=chunk_size, min_chunks=min_chunks)
+    return sequence_logps(hidden, internvl.lm_head, labels, chunk_size=chunk_size, min_chunks=min_chunks)
+
+
+class PreferenceLogps(nn.Module):
+    """The module DeepSpeed wraps: forward = response log-probs of a preference batch.
+
+    Running the whole computation as one module forward lets ZeRO-3 trace the order in which
+    submodules run and prefetch their parameters, which calling submodules from outside does not.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # InternVLForConditionalGeneration, or a PEFT model around one
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, chunk_size: int = 256,
+                always_run_vision: bool = True):
+        return _sequence_logps(unwrap_internvl(self.model), input_ids, attention_mask, labels, pixel_values,
+                               chunk_size, always_run_vision)
+
+
+def batch_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 256,
+                always_run_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of a batch: (chosen [B], rejected [B], chosen_tokens [B], rejected_tokens [B]).
+
+    `model` is a DeepSpeed engine around `PreferenceLogps` (called as a module, so its hooks run), a
+    `PreferenceLogps`, or a plain / PEFT InternVL model. `always_run_vision` runs the vision tower on a
+    dummy tile when the batch has no image, adding zero: under ZeRO-3 every rank must run the same
+    modules (their parameters are gathered collectively).
+    """
+    args = (batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values)
+    if isinstance(model, PreferenceLogps) or isinstance(getattr(model, "module", None), PreferenceLogps):
+        logps, num_tokens = model(*args, chunk_size=chunk_size, always_run_vision=always_run_vision)
+    else:
+        logps, num_tokens = _sequence_logps(unwrap_internvl(model), *args, chunk_size, always_run_vision)
     b = batch.num_pairs
     return logps[:b], logps[b:], num_tokens[:b], num_tokens[b:]
