@@ -1,0 +1,440 @@
+"""Evaluation runs: predictions per (model, benchmark) through the engine, saved as jsonl and resumable,
+then scored and reported. `python -m mpo.evaluate` is a thin Hydra wrapper over :func:`run_evaluation`::
+
+    from mpo.eval.runner import EvalConfig, run_evaluation
+    results = run_evaluation(EvalConfig(model=["runs/base/final", "runs/mpo/final"], benchmarks=["mmstar"],
+                                        data_root="~/LMUData", output_dir="outputs/eval"))
+
+Layout under ``output_dir``:
+
+- ``predictions/{model_name}/{benchmark}.jsonl``: one line per item, ``{"index", "prediction",
+  "question" (the prompt as sent), "finished" (False: cut at max_new_tokens)}``, appended and flushed
+  after every batch, so an interrupted run loses at most one batch and a rerun skips what is there.
+- ``predictions/{model_name}/{benchmark}.settings.json``: what produced them (model path, cot,
+  max_new_tokens, max_tiles, system prompt); resuming under other settings is refused, because mixing
+  answers from two settings in one score would be silently wrong.
+- ``results.json``, ``report.md``, ``scores.png``: see :mod:`mpo.eval.report`.
+
+``model_name`` is the checkpoint's directory name (made unique by prefixing the parent directory when two
+agree); a custom benchmark ``custom:PATH.jsonl`` is named after the file's stem.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mpo.eval.benchmarks import (
+    BENCHMARKS,
+    CUSTOM_PREFIX,
+    BenchmarkSpec,
+    Item,
+    build_prompt,
+    get_benchmark,
+    load_benchmark,
+)
+from mpo.eval.report import write_results
+from mpo.eval.scorers import score
+
+COT_MAX_NEW_TOKENS = 1024  # room for step-by-step reasoning before "Final answer:"
+DIRECT_MAX_NEW_TOKENS = 64  # a letter, a word or a short phrase
+_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+Log = Callable[[str], None]
+
+
+def _print_log(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run (the schema behind configs/evaluate.yaml)."""
+
+    model: Any = None  # checkpoint dir (bf16 or AWQ), a list of dirs, or {name: dir}
+    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))  # names or custom:PATH.jsonl
+    data_root: str | None = None  # folder of VLMEvalKit TSVs; None = $LMUData, else ~/LMUData
+    output_dir: str = "outputs/eval"
+    predictions: Any = None  # score only: a jsonl (one benchmark), a dir of {benchmark}.jsonl, a list, or {name: path}
+    cot: bool = False  # MPO chain-of-thought prompt; answers parsed after "Final answer:"
+    max_new_tokens: int | None = None  # None = 1024 with cot, 64 without
+    batch_size: int = 8  # requests per Engine.generate call (also how often predictions are flushed)
+    limit: int | None = None  # first N items of each benchmark (smoke runs)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str | None = None  # None = engine default (bf16 on GPU, fp32 on CPU)
+    system_prompt: str = "default"  # "default" = InternVL2.5's; "" = no system turn; else the text
+    max_tiles: int | None = None  # None = each benchmark's default (6; 12 MMMU; 24 OCRBench)
+    progress: bool = True  # tqdm bar with questions/s
+
+    def __post_init__(self):
+        problems = []
+        has_model, has_predictions = _given(self.model), _given(self.predictions)
+        if has_model and has_predictions:
+            problems.append("set either model= (generate and score) or predictions= (score existing files), not both")
+        elif isinstance(self.model, (list, tuple, dict)) and not self.model:
+            problems.append("model is an empty list: give at least one checkpoint dir, e.g. model=DIR or "
+                            "model=[DIR1,DIR2]")
+        elif not has_model and not has_predictions:
+            problems.append("nothing to evaluate: set model=DIR (or model=[DIR1,DIR2]) to generate predictions, "
+                            "or predictions=FILE.jsonl to score existing ones")
+        for key in ("model", "predictions"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (str, list, tuple, dict)):
+                problems.append(f"{key} must be a path, a list of paths or a {{name: path}} mapping, got {value!r}")
+            elif isinstance(value, (list, tuple, dict)) and value and not all(
+                    isinstance(v, str) and v for v in (value.values() if isinstance(value, dict) else value)):
+                problems.append(f"{key} entries must be non-empty paths, got {value!r}")
+        self.benchmarks = [str(b) for b in ([self.benchmarks] if isinstance(self.benchmarks, str)
+                                            else self.benchmarks or [])]
+        if not self.benchmarks:
+            problems.append(f"benchmarks is empty: pick from {sorted(BENCHMARKS)} or custom:PATH.jsonl")
+        for name in self.benchmarks:
+            try:
+                get_benchmark(str(name))
+            except ValueError as error:
+                problems.append(str(error))
+        duplicates = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})
+        if duplicates:
+            problems.append(f"benchmarks lists {duplicates} more than once")
+        for key in ("max_new_tokens", "limit", "max_tiles"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                problems.append(f"{key}={value} must be >= 1 (or null for the default)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if not _DEVICE_RE.fullmatch(self.device):
+            problems.append(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            problems.append(f"dtype={self.dtype!r}: use one of {_DTYPES} (or null for the engine default)")
+        if problems:
+            raise ValueError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def new_tokens(self) -> int:
+        """max_new_tokens with its cot-dependent default applied."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return COT_MAX_NEW_TOKENS if self.cot else DIRECT_MAX_NEW_TOKENS
+
+
+def _given(value) -> bool:
+    return value is not None and value != "" and not (isinstance(value, (list, tuple, dict)) and not value)
+
+
+def resolve_system_prompt(setting: str) -> str | None:
+    """"default" → InternVL2.5's system prompt; "" → None (no system turn); anything else as written."""
+    if setting == "default":
+        from mpo.model.tokenizer import INTERNVL25_SYSTEM_PROMPT
+
+        return INTERNVL25_SYSTEM_PROMPT
+    return setting or None
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Directory (or file) names; names shared by several paths get their parent's name prefixed
+    ("a-final", "b-final"), and any remaining clash a numeric suffix."""
+    names = [path.name for path in paths]
+    names = [f"{path.parent.name}-{name}" if names.count(name) > 1 and path.parent.name else name
+             for path, name in zip(paths, names)]
+    unique: list[str] = []
+    for name in names:
+        candidate, number = name, 2
+        while candidate in unique:
+            candidate, number = f"{name}_{number}", number + 1
+        unique.append(candidate)
+    return unique
+
+
+def _as_named_paths(value, naming: Callable[[Path], Path] = lambda p: p) -> dict[str, Path]:
+    """A path, list of paths or {name: path} → {name: path}; list names come from ``naming(path)``."""
+    if isinstance(value, dict):
+        bad = [name for name in value if not str(name) or str(name) in (".", "..") or "/" in str(name)]
+        if bad:
+            raise ValueError(f"names {bad} cannot be folder names; use plain names such as {{base: DIR, mpo: DIR}}")
+        return {str(name): Path(path).expanduser() for name, path in value.items()}
+    paths = [Path(p).expanduser() for p in ([value] if isinstance(value, str) else value)]
+    return dict(zip(_unique_names([naming(p.resolve()) for p in paths]), paths))
+
+
+def name_models(model) -> dict[str, Path]:
+    """``model`` (a path, list of paths or {name: path}) → {model_name: checkpoint dir}; names are the
+    directory names, de-duplicated (see :func:`_unique_names`)."""
+    return _as_named_paths(model)
+
+
+def benchmark_labels(names: list[str]) -> dict[str, str]:
+    """Label (file and results key) → benchmark name: the registered name, or a custom file's stem
+    ("custom_" prefixed when the stem is a registered name; "_2", … appended on a clash)."""
+    labels: dict[str, str] = {}
+    for name in names:
+        base = name
+        if name.startswith(CUSTOM_PREFIX):
+            base = Path(name[len(CUSTOM_PREFIX):]).stem
+            base = f"custom_{base}" if base in BENCHMARKS else base
+        label, number = base, 2
+        while label in labels:
+            label, number = f"{base}_{number}", number + 1
+        labels[label] = name
+    return labels
+
+
+def read_predictions(path: str | Path) -> dict[str, dict]:
+    """Read a predictions jsonl into {str(index): row}. Rows need ``index`` (int or str) and
+    ``prediction`` (str); blank lines are skipped. Raises ``ValueError`` naming file:line for a bad row
+    or a repeated index, ``FileNotFoundError`` when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file {path} does not exist")
+    rows: dict[str, dict] = {}
+    lines_of: dict[str, int] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error}); each line must be "
+                                 '{"index": ..., "prediction": "..."}') from error
+            if not isinstance(row, dict) or "index" not in row or "prediction" not in row:
+                raise ValueError(f'{where}: each line needs "index" and "prediction", got {line.strip()[:120]!r}')
+            if not isinstance(row["index"], (int, str)) or isinstance(row["index"], bool):
+                raise ValueError(f"{where}: index must be an int or a str, got {row['index']!r}")
+            if not isinstance(row["prediction"], str):
+                raise ValueError(f"{where}: prediction must be a str, got {type(row['prediction']).__name__}")
+            key = str(row["index"])
+            if key in rows:
+                raise ValueError(f"{where}: index {row['index']!r} already appeared on line {lines_of[key]}")
+            rows[key], lines_of[key] = row, number
+    return rows
+
+
+def append_predictions(path: Path, rows: list[dict]) -> None:
+    """Append rows as jsonl lines and flush them to disk (one call per batch)."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _repair_tail(path: Path) -> None:
+    """Make the file end with a newline so appends start a new line: a last line cut mid-write (a run
+    killed while flushing) is dropped, a complete one merely lacking its newline is kept."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+        path.write_bytes(data + b"\n")
+    except ValueError:
+        path.write_bytes(data[:cut])
+
+
+def _settings_path(predictions_path: Path) -> Path:
+    return predictions_path.with_name(predictions_path.stem + ".settings.json")
+
+
+def pending_items(path: Path, items: list[Item], settings: dict) -> list[Item]:
+    """Items of ``items`` without a prediction in ``path`` (resume), after checking that the saved
+    predictions were made under the same ``settings``; writes the settings file next to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = _settings_path(path)
+    done: dict[str, dict] = {}
+    if path.is_file():
+        _repair_tail(path)
+        done = read_predictions(path)
+    if done and sidecar.is_file():
+        saved = json.loads(sidecar.read_text(encoding="utf-8"))
+        changed = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changed.items())
+            raise ValueError(f"{path} holds {len(done)} predictions made under other settings ({details}); "
+                             "use another output_dir, or delete the file to regenerate")
+    sidecar.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [item for item in items if str(item.index) not in done]
+
+
+def generate_predictions(engine, spec: BenchmarkSpec, items: list[Item], path: Path, *, cot: bool,
+                         max_new_tokens: int, max_tiles: int, batch_size: int, progress: bool = True,
+                         desc: str = "") -> tuple[int, int]:
+    """Greedy answers for ``items`` through ``engine.generate``, ``batch_size`` requests per call,
+    appended to ``path`` after each batch. Returns (questions generated, answers cut at max_new_tokens)."""
+    # Imported here so scoring-only runs and config errors do not pay for importing torch.
+    from mpo.infer.engine import Request, SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    num_truncated = 0
+    with tqdm(total=len(items), desc=desc, unit=" questions", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            prompts = [build_prompt(item, spec, cot=cot) for item in batch]
+            # Images are decoded per batch, so memory holds one batch of images, not the benchmark.
+            requests = [Request(prompt, images=item.load_images(), max_dynamic_patch=max_tiles)
+                        for prompt, item in zip(prompts, batch)]
+            outputs = engine.generate(requests, params)
+            assert len(outputs) == len(batch), "engine returned a different number of answers than requests"
+            append_predictions(path, [
+                {"index": item.index, "prediction": out[0].text, "question": prompt, "finished": out[0].finished}
+                for item, prompt, out in zip(batch, prompts, outputs)
+            ])
+            num_truncated += sum(not out[0].finished for out in outputs)
+            bar.update(len(batch))
+    return len(items), num_truncated
+
+
+def _load_engine(path: Path, cfg: EvalConfig):
+    from mpo.infer.engine import Engine
+
+    return Engine.load(path, device=cfg.device, dtype=cfg.dtype, system_prompt=resolve_system_prompt(cfg.system_prompt))
+
+
+def _free_memory() -> None:
+    """Return a released model's memory (cached CUDA blocks included) before the next one loads."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_model_dirs(models: dict[str, Path]) -> None:
+    for name, path in models.items():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {name!r}: {path} is not a checkpoint directory (no config.json); "
+                                    "pass the folder holding config.json and the weights")
+
+
+def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[Item]]], out: Path,
+                  engine_factory, log: Log) -> dict[str, dict[str, dict]]:
+    models = name_models(cfg.model)
+    _check_model_dirs(models)
+    system_prompt = resolve_system_prompt(cfg.system_prompt)
+    # Resume state and settings of every model are checked before the first model loads.
+    todo: dict[str, dict[str, list[Item]]] = {}
+    for model_name, model_path in models.items():
+        todo[model_name] = {}
+        for label, (spec, items) in tasks.items():
+            settings = {"model": str(model_path.resolve()), "benchmark": spec.name, "cot": cfg.cot,
+                        "max_new_tokens": cfg.new_tokens, "max_tiles": cfg.max_tiles or spec.max_tiles,
+                        "system_prompt": system_prompt}
+            pending = pending_items(out / "predictions" / model_name / f"{label}.jsonl", items, settings)
+            todo[model_name][label] = pending
+            log(f"{model_name} / {label}: {len(items)} questions, already had {len(items) - len(pending)} "
+                f"predictions, generating {len(pending)}")
+    predictions: dict[str, dict[str, dict]] = {}
+    for model_name, model_path in models.items():
+        model_dir = out / "predictions" / model_name
+        if any(todo[model_name].values()):  # a fully predicted model is not even loaded
+            engine = engine_factory(model_path, cfg)
+            for label, items in todo[model_name].items():
+                if not items:
+                    continue
+                spec = tasks[label][0]
+                started = time.perf_counter()
+                count, truncated = generate_predictions(
+                    engine, spec, items, model_dir / f"{label}.jsonl", cot=cfg.cot, max_new_tokens=cfg.new_tokens,
+                    max_tiles=cfg.max_tiles or spec.max_tiles, batch_size=cfg.batch_size, progress=cfg.progress,
+                    desc=f"{model_name}/{label}")
+                seconds = time.perf_counter() - started
+                # Cut answers usually mean a CoT budget too small for the reasoning: they score as wrong.
+                cut = f"; {truncated} hit max_new_tokens={cfg.new_tokens}" if truncated else ""
+                log(f"{model_name} / {label}: generated {count} in {seconds:.1f} s "
+                    f"({count / max(seconds, 1e-9):.2f} questions/s){cut}")
+            del engine
+            _free_memory()
+        predictions[model_name] = {label: read_predictions(model_dir / f"{label}.jsonl") for label in tasks}
+    return predictions
+
+
+def _prediction_sources(cfg: EvalConfig, labels: list[str]) -> dict[str, dict[str, Path]]:
+    """predictions= entries → {name: {label: jsonl}}. A file serves the single benchmark; a directory
+    holds ``{label}.jsonl`` per benchmark (e.g. a previous run's predictions/{model_name})."""
+    # A file named after its benchmark (predictions/MODEL/mmstar.jsonl) is named after its folder.
+    entries = _as_named_paths(
+        cfg.predictions, lambda p: (p.parent if p.stem in labels else p.with_suffix("")) if p.is_file() else p)
+    sources: dict[str, dict[str, Path]] = {}
+    for name, path in entries.items():
+        if path.is_dir():
+            files = {label: path / f"{label}.jsonl" for label in labels}
+            missing = [str(f) for f in files.values() if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"predictions folder {path} lacks {', '.join(missing)}; a folder must hold "
+                                        "{benchmark}.jsonl for every benchmark evaluated")
+            sources[name] = files
+        elif path.is_file():
+            if len(labels) != 1:
+                raise ValueError(f"predictions={path} is one file but {len(labels)} benchmarks are selected; "
+                                 "name exactly one, e.g. benchmarks=[mmstar], or pass a folder of {benchmark}.jsonl")
+            sources[name] = {labels[0]: path}
+        else:
+            raise FileNotFoundError(f"predictions file {path} does not exist")
+    return sources
+
+
+def _read_sources(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[Item]]],
+                  log: Log) -> dict[str, dict[str, dict]]:
+    predictions: dict[str, dict[str, dict]] = {}
+    for name, files in _prediction_sources(cfg, list(tasks)).items():
+        predictions[name] = {}
+        for label, path in files.items():
+            rows = read_predictions(path)
+            items = tasks[label][1]
+            if rows and not any(str(item.index) in rows for item in items):
+                raise ValueError(f"none of the {len(rows)} predictions in {path} matches an index of {label}; "
+                                 "is it the right file for this benchmark?")
+            sidecar = _settings_path(path)
+            if sidecar.is_file():
+                saved = json.loads(sidecar.read_text(encoding="utf-8")).get("cot")
+                if saved is not None and saved != cfg.cot:
+                    log(f"warning: {path} was generated with cot={saved} but is scored with cot={cfg.cot}")
+            predictions[name][label] = rows
+            log(f"{name} / {label}: read {len(rows)} predictions from {path}")
+    return predictions
+
+
+def run_evaluation(cfg: EvalConfig, *, engine_factory: Callable | None = None,
+                   log: Log = _print_log) -> dict[str, dict[str, dict]]:
+    """Generate missing predictions (model mode) or read them (predictions mode), score every
+    benchmark, and write results.json, report.md and scores.png under ``cfg.output_dir``.
+
+    Args:
+        cfg: the run's settings (see :class:`EvalConfig`).
+        engine_factory: ``(checkpoint_dir, cfg) -> engine`` with ``generate(requests, params)``;
+            default ``Engine.load`` (tests pass a fake).
+        log: receives one progress line per model and benchmark.
+    Returns:
+        {model_name: {benchmark_label: score dict}} (scores 0–100, see :func:`mpo.eval.scorers.score`).
+    Raises:
+        FileNotFoundError: a benchmark file, checkpoint or predictions file is missing.
+        ValueError: anything else the user must fix (message says what).
+    """
+    out = Path(cfg.output_dir).expanduser()
+    # Every benchmark is read before any model loads: a missing file fails in seconds, not hours in.
+    tasks: dict[str, tuple[BenchmarkSpec, list[Item]]] = {}
+    for label, name in benchmark_labels(list(cfg.benchmarks)).items():
+        items = load_benchmark(name, cfg.data_root)
+        tasks[label] = (get_benchmark(name), items[:cfg.limit] if cfg.limit else items)
+    if _given(cfg.model):
+        predictions = _generate_all(cfg, tasks, out, engine_factory or _load_engine, log)
+    else:
+        predictions = _read_sources(cfg, tasks, log)
+    results = {
+        model: {label: score(tasks[label][0].name, tasks[label][1],
+                             {key: row["prediction"] for key, row in rows.items()}, cot=cfg.cot)
+                for label, rows in by_label.items()}
+        for model, by_label in predictions.items()
+    }
+    paths = write_results(out, results)
+    for model, by_label in results.items():
+        log(f"{model}: " + ", ".join(f"{label} {scores['overall']:.1f}" for label, scores in by_label.items()))
+    log(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+    return results
