@@ -44,3 +44,16 @@ def write_mmpr(root: Path, records: list, *, name: str = "src", repeat_time: flo
     entry.update(extra_meta or {})
     (root / "meta.json").write_text(json.dumps({name: entry}))
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running one-node SLURM cluster (tests/slurm_cluster.py), shared by the session; skips where
+    SLURM is not installed. Tests using it are marked `slurm`."""
+    from slurm_cluster import SlurmCluster, slurm_available
+
+    ok, reason = slurm_available()
+    if not ok:
+        pytest.skip(reason)
+    with SlurmCluster() as cluster:
+        yield cluster
