@@ -7,10 +7,20 @@
 
 Prompts are rendered exactly as in training (`mpo.data.template.ChatTemplate`: InternVL2.5 chat format,
 dynamic tiling, 256 image tokens per tile), so what the trainer learns is what the engine asks.
-This module is the plain path: `transformers` generate with its KV cache, greedy or sampled (the
-prompt is repeated for the n samples). Faster paths (a prefix shared by the n samples, a preallocated
-KV cache, CUDA graphs, W4A16 kernels) plug in behind the same `Engine.generate` and are checked
-against this one.
+
+Two backends behind the same `Engine.generate` (`Engine.load(..., backend=...)`):
+
+- "fast" (default, `mpo.infer.fast`): one prefill per prompt shared by its n samples, a preallocated
+  KV cache, batched decode across prompts with finished rows refilled, CUDA graphs and fused
+  kernels on GPU (W4A16 for AWQ checkpoints). On CPU its greedy tokens equal the "hf" backend's.
+- "hf": `transformers` generate with its dynamic cache (the prompt repeated for the n samples): the
+  reference twin the fast path is checked against.
+
+Sampling (temperature, top-k, top-p) is seeded: the fast backend draws sample j of request i from
+a random stream keyed by (seed, i, j), so results do not depend on batching; the hf backend seeds
+torch's global generator once per call. Log-probs are those of each chosen token under the
+distribution it was drawn from (softmax of logits / T, top-k / top-p filtered and renormalised;
+greedy: the model's own softmax), i.e. the model's log-probs at temperature 1 without filters.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from PIL import Image
 
 from mpo.data.images import load_image_tiles, tile_budget, tile_image, tiles_to_tensor
 from mpo.data.template import ChatTemplate, place_image_placeholders
+from mpo.infer.fast import FastGenerator, GenerationStats
 from mpo.model.load import load_model, load_processor, read_checkpoint_config, resolve_dtype
 from mpo.model.tokenizer import INTERNVL25_SYSTEM_PROMPT
 
@@ -69,7 +80,7 @@ class Request:
 class Generation:
     text: str  # decoded new tokens, special tokens and the stop token removed
     token_ids: list[int]  # new tokens, stop token included when generation stopped on it
-    logprobs: list[float]  # log-prob of each new token under the sampling distribution's model logits
+    logprobs: list[float]  # log-prob of each new token under the distribution it was drawn from (see above)
     finished: bool  # stopped on <|im_end|> (False: hit max_new_tokens)
 
 
@@ -79,10 +90,24 @@ class EncodedPrompt:
     pixel_values: torch.Tensor | None
 
 
-class Engine:
-    """Generation over a native InternVL checkpoint (plain `transformers` path)."""
+BACKENDS = ("fast", "hf")
 
-    def __init__(self, model, processor, *, device: torch.device, system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT):
+
+class Engine:
+    """Generation over a native or AWQ InternVL checkpoint.
+
+    Args:
+        model, processor: a loaded InternVL model and its processor (see `Engine.load`).
+        device: where the model lives.
+        system_prompt: system turn of every prompt (None or "" leaves it out).
+        backend: "fast" or "hf" (see the module docstring).
+        max_batch_rows: fast backend: most samples decoded at once.
+    """
+
+    def __init__(self, model, processor, *, device: torch.device, system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT,
+                 backend: str = "fast", max_batch_rows: int = 64):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -92,22 +117,40 @@ class Engine:
                                      system_prompt=system_prompt)
         self.tile_size = model.config.vision_config.image_size[0]
         self.stop_id = self.template.im_end_id
+        self.backend = backend
+        self.generator = FastGenerator(model, stop_id=self.stop_id, max_batch_rows=max_batch_rows) \
+            if backend == "fast" else None
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """Fast backend counters (prefills, decode steps, graph captures); None for "hf"."""
+        return None if self.generator is None else self.generator.stats
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str | None = None,
-             system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT) -> "Engine":
-        """Load a native InternVL checkpoint. dtype defaults to bf16 on GPU, fp32 on CPU."""
+             system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT, backend: str = "fast") -> "Engine":
+        """Load a native or AWQ InternVL checkpoint. dtype defaults to bf16 on GPU, fp32 on CPU;
+        backend is "fast" (default) or "hf" (the `transformers` generate twin)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is visible")
         config = read_checkpoint_config(model_dir)
-        if "quantization_config" in config:
-            raise ValueError(f"{model_dir} is quantized ({config['quantization_config'].get('quant_method')}); "
-                             "the plain engine path loads 16/32-bit checkpoints only")
+        quant = config.get("quantization_config")
+        if quant is not None and quant.get("quant_method") != "awq":
+            raise ValueError(f"{model_dir} is quantized ({quant.get('quant_method')}); "
+                             "the engine loads 16/32-bit and AWQ (mpo.export_awq) checkpoints only")
         torch_dtype = resolve_dtype(dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-        model = load_model(model_dir, dtype=torch_dtype, device=device)
-        return cls(model, load_processor(model_dir), device=torch.device(device), system_prompt=system_prompt)
+        if quant is not None:
+            from mpo.quant.awq_linear import load_awq_model  # decoder linears become W4A16 WQLinear
+
+            model = load_awq_model(model_dir, device=device, dtype=torch_dtype)
+        else:
+            model = load_model(model_dir, dtype=torch_dtype, device=device)
+        return cls(model, load_processor(model_dir), device=torch.device(device), system_prompt=system_prompt,
+                   backend=backend)
 
     def encode(self, request: Request) -> EncodedPrompt:
         """Token ids of the prompt (+ assistant prefix) and the tiles of its images."""
@@ -130,21 +173,36 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Generation]]:
-        """`params.num_samples` generations per request, in request order."""
-        torch.manual_seed(params.seed)
-        return [self._generate_one(self.encode(r), params) for r in requests]
+        """`params.num_samples` generations per request, in request order.
 
-    def _generate_one(self, prompt: EncodedPrompt, params: SamplingParams) -> list[Generation]:
+        The fast backend encodes every request first (pixel tiles are held until the call ends:
+        ~2.4 MB per 448-px tile in fp32), so pass requests in chunks of a few hundred.
+        """
+        if self.generator is None:
+            torch.manual_seed(params.seed)
+            return [self._generate_hf(self.encode(r), params) for r in requests]
+        prompts = [self.encode(r) for r in requests]
+        raw = self.generator.generate(prompts, params)
+        return [[self._to_generation(g.token_ids, g.logprobs, g.finished) for g in samples] for samples in raw]
+
+    def _to_generation(self, token_ids: list[int], logprobs: list[float], finished: bool) -> Generation:
+        text_ids = token_ids[:-1] if finished else token_ids
+        return Generation(self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids, logprobs, finished)
+
+    def _generate_hf(self, prompt: EncodedPrompt, params: SamplingParams) -> list[Generation]:
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
         kwargs = {}
         if prompt.pixel_values is not None:
             kwargs["pixel_values"] = prompt.pixel_values.to(self.device, self.dtype)
         greedy = params.temperature == 0
-        sample_kwargs = {} if greedy else dict(temperature=params.temperature, top_k=params.top_k or None,
-                                                top_p=params.top_p)
+        # top_k=0 is passed as 0 (off), not None, which would fall back to generation_config's default.
+        sample_kwargs = {} if greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        # Greedy samples are identical: generate one (transformers refuses num_return_sequences > 1
+        # without sampling) and repeat it.
         out = self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-            max_new_tokens=params.max_new_tokens, do_sample=not greedy, num_return_sequences=params.num_samples,
+            max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+            num_return_sequences=1 if greedy else params.num_samples,
             eos_token_id=self.stop_id, pad_token_id=self.template.pad_id, output_scores=True,
             return_dict_in_generate=True, **sample_kwargs,
         )
@@ -154,13 +212,14 @@ class Engine:
         chosen = scores.gather(2, new.unsqueeze(-1)).squeeze(-1)
         results = []
         for row, lp in zip(new.tolist(), chosen.tolist()):
-            if self.stop_id in row:
+            # Only rows that stopped are padded by generate (after their stop token); a row that ran
+            # to max_new_tokens is all real tokens, even ones equal to the pad id.
+            finished = self.stop_id in row
+            if finished:
                 cut = row.index(self.stop_id) + 1
-                row, lp, finished = row[:cut], lp[:cut], True
-            else:
-                while row and row[-1] == self.template.pad_id:
-                    row, lp = row[:-1], lp[:-1]
-                finished = False
-            text_ids = row[:-1] if finished else row
-            results.append(Generation(self.tokenizer.decode(text_ids, skip_special_tokens=True), row, lp, finished))
+                row, lp = row[:cut], lp[:cut]
+            results.append(self._to_generation(row, lp, finished))
+        if greedy:
+            results = [Generation(results[0].text, list(results[0].token_ids), list(results[0].logprobs),
+                                  results[0].finished) for _ in range(params.num_samples)]
         return results
