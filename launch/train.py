@@ -27,6 +27,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes Hydra's files in the shared run dir
+XX
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     main()

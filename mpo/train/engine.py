@@ -45,9 +45,10 @@ def slurm_dist_env(environ: Mapping[str, str],
                    expand_nodelist: Callable[[str], list[str]] = _scontrol_hostnames) -> dict[str, str]:
     """torch.distributed variables for a process started by `srun` (one task per GPU, no torchrun).
 
-    Returns {} when RANK is already set (torchrun, or a caller) or when this process is not a task
-    of an srun step: a batch script's own shell has SLURM_PROCID=0 and the allocation's SLURM_NTASKS,
-    but no SLURM_STEP_ID, and deriving WORLD_SIZE there would wait forever for ranks never started.
+    Returns {} when RANK is already set (torchrun, or a caller), when the step has one task (the
+    one-process group with a free port serves it), or when this process is not a task of an srun
+    step: a batch script's own shell has SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but no
+    SLURM_STEP_ID, and deriving WORLD_SIZE there would wait forever for ranks never started.
     Otherwise RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID, the step's task count
     (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS) and SLURM_LOCALID; MASTER_ADDR (unless set) is
     127.0.0.1 on a one-node job, else the first host of SLURM_JOB_NODELIST as `expand_nodelist`
@@ -57,7 +58,7 @@ def slurm_dist_env(environ: Mapping[str, str],
     if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_ID" not in environ:
         return {}
     num_tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
-    if not num_tasks:
+    if not num_tasks or int(num_tasks) == 1:
         return {}
     rank, world_size = int(environ["SLURM_PROCID"]), int(num_tasks)
     if not 0 <= rank < world_size:

@@ -1,9 +1,10 @@
 """Preemption and time limits on SLURM: stop signals become "checkpoint at the end of this step, requeue".
 
 SLURM ends a job with SIGTERM (scancel, time limit, preemption, `scontrol requeue`) and, when asked
-with `--signal=[B:]USR1@SECONDS` (submitit: USR2 `signal_delay_s` before the limit), warns it
-first. `PreemptionFlag` turns SIGTERM/SIGUSR1/SIGUSR2 into a flag instead of an exit; the training
-loop asks `flag.agreed(...)` once per optimizer step (one all-reduce MAX, so a rank that missed the
+with `--signal=USR2@SECONDS` (submitit: `signal_delay_s`), warns the tasks of its srun steps that
+many seconds before the time limit (`B:USR2@...` would warn only the batch shell, not the ranks).
+`PreemptionFlag` turns SIGTERM/SIGUSR1/SIGUSR2 into a flag instead of an exit; the training loop
+asks `flag.agreed(...)` once per optimizer step (one all-reduce MAX, so a rank that missed the
 signal still stops with the others), saves a checkpoint, and then calls `requeue_after_checkpoint`
 on rank 0. The requeued job starts the same command in the same run directory and resumes from
 `checkpoints/latest`.
@@ -51,9 +52,11 @@ class PreemptionFlag:
         self.signals = tuple(signals)
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def install(self) -> PreemptionFlag:
         """Install the handlers (main thread only, as Python requires); returns self."""
+        self._pid = os.getpid()
         for sig in self.signals:
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -68,8 +71,10 @@ class PreemptionFlag:
         # Only set a flag: the checkpoint must be written between steps, not from inside a collective.
         if self.signum is None:
             self.signum = signum
-            print(f"[mpo] received {signal.Signals(signum).name}: checkpoint at the end of this step, then stop",
-                  file=sys.stderr, flush=True)
+            if os.getpid() == self._pid:  # forked DataLoader workers inherit the handler; they stay quiet
+                # os.write, not print: a handler that interrupts a print to stderr must not re-enter its buffer
+                os.write(2, f"[mpo] received {signal.Signals(signum).name}: checkpoint at the end of this step, "
+                            "then stop\n".encode())
 
     @property
     def is_set(self) -> bool:
