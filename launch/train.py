@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-XX
+    # only rank 0 writes Hydra's files in the shared run dir (torchrun sets RANK, srun SLURM_PROCID)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     main()
