@@ -14,6 +14,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """Test models are tiny and test processes share 2 cores: extra intra-op threads only add
+    synchronisation (measured 30-50x slower under contention), so every test runs single-threaded."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny InternVL checkpoint (448 px tiles, 256 tokens per tile), written once."""

@@ -22,15 +22,6 @@ from mpo.quant.calibrate import (
 TOKENS_PER_TILE = 64  # 224 px tiles
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: with 2 shared cores, intra-op threads cost more in contention than they gain.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("calib") / "model", seed=1, image_size=224)

@@ -27,15 +27,6 @@ from mpo.quant.pack import AWQLinearWeights
 GROUP = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: with 2 shared cores, intra-op threads cost more in contention than they gain.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def put_decoder_on_grid(model: nn.Module, seed: int = 0) -> None:
     """Decoder linears := (q - 8) / 64, q uniform in 0..15, with 0 and 15 in every group of 128."""
     g = torch.Generator().manual_seed(seed)

@@ -18,15 +18,6 @@ from mpo.quant.quality import compare_perplexity, perplexity, response_nll, rtn_
 from mpo.quant.quantizer import pseudo_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: with 2 shared cores, intra-op threads cost more in contention than they gain.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("awq_quality")

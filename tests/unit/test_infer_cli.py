@@ -15,14 +15,6 @@ from mpo.infer.__main__ import main
 from mpo.infer.engine import Engine, Request, SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a shared machine: extra threads only synchronise
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     return write_image(tmp_path_factory.mktemp("cli") / "img.png", size=(60, 40), color=(10, 200, 40))

@@ -14,15 +14,6 @@ from mpo.infer.engine import Engine, Request, SamplingParams
 from mpo.infer.fast import FastGenerator, bucket_capacity, bucket_rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matmuls on a shared machine: intra-op threads only add synchronisation (50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
     """(fast, hf) engines sharing one fp32 model (the CPU fast path leaves the model untouched)."""
