@@ -61,9 +61,10 @@ def answer_span(prediction: str, *, cot: bool = False) -> str:
     if not isinstance(prediction, str):
         raise ValueError(f"prediction must be a str, got {type(prediction).__name__}")
     if cot:
-        position = prediction.lower().rfind(FINAL_ANSWER_TRIGGER)
-        if position >= 0:
-            return prediction[position + len(FINAL_ANSWER_TRIGGER):]
+        # match on the original text: lower() can change the length (e.g. "İ"), shifting positions
+        matches = list(re.finditer(re.escape(FINAL_ANSWER_TRIGGER), prediction, flags=re.IGNORECASE))
+        if matches:
+            return prediction[matches[-1].end():]
     return prediction
 
 

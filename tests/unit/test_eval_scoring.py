@@ -460,3 +460,11 @@ def test_report_bad_inputs(tmp_path, results, message):
         write_results(tmp_path, results)
     with pytest.raises(ValueError, match=message):
         render_markdown(results)
+
+
+def test_answer_span_positions_survive_case_folding():
+    from mpo.eval.extract import answer_span
+
+    # "İ".lower() is two code points: a lowercase copy would shift every later position
+    assert answer_span("İİ Final answer: B", cot=True) == " B"
+    assert answer_span("FINAL ANSWER: c ... final answer: D", cot=True) == " D"
