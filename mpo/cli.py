@@ -4,7 +4,10 @@
     mpo convert SRC DST         original InternVL2.5 checkpoint -> native (python -m mpo.model.convert)
     mpo validate MMPR_DIR       check an MMPR dataset (python -m mpo.data.validate)
     mpo synthetic OUT_DIR       generate the synthetic visual task (python -m data_pipeline.synthetic)
+    mpo build-pairs k=v ...     build MMPR preference pairs (python -m mpo.build_pairs)
     mpo train [overrides...]    train with Hydra overrides (python launch/train.py)
+    mpo export-awq k=v ...      4-bit AWQ export (python -m mpo.export_awq)
+    mpo evaluate k=v ...        benchmarks (python -m mpo.evaluate)
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ SUBCOMMANDS = {
     "convert": ("mpo.model.convert", "main", "convert an original InternVL2.5 checkpoint to the native layout"),
     "validate": ("mpo.data.validate", "main", "validate an MMPR directory (counts and rejects)"),
     "synthetic": ("data_pipeline.synthetic", "main", "generate the synthetic visual task"),
+    "build-pairs": ("mpo.build_pairs", "main", "build MMPR preference pairs with the model (Hydra overrides)"),
     "train": ("mpo.train.cli", "main", "train with MPO (Hydra overrides, e.g. +exp=tiny_cpu)"),
+    "export-awq": ("mpo.export_awq", "main", "quantize a checkpoint to 4-bit AWQ (model=DIR data=MMPR output_dir=OUT)"),
+    "evaluate": ("mpo.evaluate", "main", "evaluate checkpoints on benchmarks (e.g. model=DIR benchmarks=[mmstar])"),
 }
 
 
