@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "train": ("mpo.train.cli", "main", "train with MPO (Hydra overrides, e.g. +exp=tiny_cpu)"),
     "export-awq": ("mpo.export_awq", "main", "quantize a checkpoint to 4-bit AWQ (model=DIR data=MMPR output_dir=OUT)"),
     "evaluate": ("mpo.evaluate", "main", "evaluate checkpoints on benchmarks (e.g. model=DIR benchmarks=[mmstar])"),
+    "demo": ("mpo.demo", "main", "the whole pipeline (SFT, pairs, MPO, AWQ, evaluation) on the synthetic task"),
 }
 
 

@@ -59,6 +59,14 @@ SHAPES: dict[str, ModelShape] = {
             hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=768
         ),
     ),
+    # `mpo demo` (measured in docs/demo_notes.md): small enough to SFT + MPO on 2 CPU cores in minutes,
+    # LLM widths multiples of 128 so AWQ quantizes every decoder linear with the standard group size 128.
+    "demo": ModelShape(
+        vision=VisionShape(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=224),
+        text=TextShape(
+            hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=768
+        ),
+    ),
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B-Instruct.
     "1b": ModelShape(
         vision=INTERNVIT_300M,

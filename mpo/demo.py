@@ -1,0 +1,286 @@
+"""`mpo demo`: the whole MPO pipeline on the synthetic visual task, end to end, on a CPU.
+
+    mpo demo                                  # ~15 min on 2 CPU cores, ~3 min on one GPU
+    mpo demo --output-dir runs/demo --seed 1 --device cuda
+    mpo demo --quick                          # every stage on a handful of questions (CI smoke run)
+
+Stages, each run as the command a user would type (logged to DIR/commands.sh, output to DIR/logs/):
+
+1. task   ``data_pipeline.synthetic.generate_task``: train / build / test questions with images.
+2. model  a random InternVL of shape ``demo`` (``mpo.model.tiny.write_tiny_checkpoint``).
+3. sft    ``launch/train.py +exp=demo_sft``: the trainer with only the SFT term, on correct
+          chain-of-thought answers ending in "Final answer: X".
+4. pairs  ``python -m mpo.build_pairs``: K samples per build question from the SFT model, paired by
+          correctness; a share of questions has its answer withheld and goes through Dropout-NTP.
+5. mpo    ``launch/train.py +exp=demo_mpo``: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT) from the SFT model.
+6. awq    ``python -m mpo.export_awq``: 4-bit AWQ of the MPO model, calibrated on the pairs.
+7. eval   ``python -m mpo.evaluate``: SFT, MPO and MPO-AWQ on the held-out test split (greedy, CoT).
+8. report ``report.md`` / ``report.json`` / PNG curves (``mpo.demo_report``); the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from mpo.demo_report import EVAL_MODELS, write_report
+from mpo.demo_settings import PRESETS, DemoSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
+# Subfolders the demo writes; --overwrite removes exactly these (never anything else in DIR).
+OUTPUTS = ("task", "model", "sft", "pairs", "mpo", "mpo_awq", "eval", "logs", "commands.sh", "report.md",
+           "report.json", "sft_curves.png", "mpo_curves.png", "accuracy.png")
+
+
+class StageError(RuntimeError):
+    """A stage's command failed; the message names the stage and its log file."""
+
+
+class Stages:
+    """Runs the pipeline's commands, times each stage and keeps the command lines for commands.sh."""
+
+    def __init__(self, out_dir: Path, device: str, log: Callable[[str], None]):
+        self.out_dir, self.device, self.log = out_dir, device, log
+        self.timings: dict[str, float] = {}
+        self.commands: list[str] = []
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if self.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
+        return env
+
+    def timed(self, name: str, func: Callable[[], object]) -> object:
+        """Run an in-process stage and record its wall time (seconds)."""
+        start = time.perf_counter()
+        result = func()
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        return result
+
+    def run(self, name: str, argv: list[str]) -> None:
+        """Run one stage's command (output to logs/NAME.log); raise StageError when it fails."""
+        log_path = self.out_dir / "logs" / f"{name}.log"
+        line = " ".join(shlex.quote(a) for a in ["python" if a == sys.executable else a for a in argv])
+        self.commands.append(f"# {name}\n{line}")
+        self.log(f"[demo] {name}: {line}")
+        start = time.perf_counter()
+        with log_path.open("w", encoding="utf-8") as handle:
+            proc = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO_ROOT)
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(elapsed, 2)
+        if proc.returncode != 0:
+            tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+            raise StageError(f"stage {name!r} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
+        self.log(f"[demo] {name}: done in {elapsed:.1f} s")
+
+
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.+\-]+")
+
+
+def _hydra_str(value: str | Path) -> str:
+    """A Hydra override value, quoted when it holds characters Hydra would parse (':', '=', ',', spaces)."""
+    text = str(value)
+    if _HYDRA_PLAIN.fullmatch(text):
+        return text
+    if "'" in text:
+        raise ValueError(f"path {text!r} contains a single quote, which Hydra overrides cannot carry; "
+                         "choose an output directory without one")
+    return f"'{text}'"
+
+
+def _trainer(exp: str, run_dir: Path, model: Path, data: Path, seed: int, device: str, steps: int | None) -> list[str]:
+    argv = [sys.executable, str(TRAIN_SCRIPT), f"+exp={exp}", f"hydra.run.dir={_hydra_str(run_dir)}",
+            f"model.path={_hydra_str(model)}", f"data.path={_hydra_str(data)}", f"seed={seed}", f"device={device}"]
+    return argv + ([f"max_steps={steps}"] if steps is not None else [])
+
+
+def _demo_questions(task_dir: Path) -> Path:
+    """The build split without its leading ``<image>\\n``, written next to the original.
+
+    The pair builder wraps a question in the CoT template and keeps a placeholder where the question
+    has it (after "Question:"), while SFT and evaluation put the image before the instruction. With
+    no placeholder the image goes first everywhere, so the pairs' prompts are the prompts the model
+    was trained and is evaluated on.
+    """
+    src = task_dir / "questions" / "build.jsonl"
+    dst = task_dir / "questions" / "build_demo.jsonl"
+    with src.open(encoding="utf-8") as fin, dst.open("w", encoding="utf-8") as fout:
+        for line in fin:
+            record = json.loads(line)
+            record["question"] = record["question"].removeprefix("<image>\n")
+            fout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return dst
+
+
+def _benchmark_with_kinds(task_dir: Path) -> Path:
+    """The test benchmark with each row's question kind as its category (accuracy per kind).
+
+    Written to ``task/eval_items/synthetic.jsonl``: a sibling of ``task/test/``, so the rows' image
+    paths (``../images/...``) resolve the same and the benchmark keeps the name ``synthetic``.
+    """
+    questions = [json.loads(line) for line in (task_dir / "questions" / "test.jsonl").open(encoding="utf-8")]
+    rows = [json.loads(line) for line in (task_dir / "test" / "synthetic.jsonl").open(encoding="utf-8")]
+    assert len(rows) == len(questions), "synthetic test files disagree"
+    out = task_dir / "eval_items" / "synthetic.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for row, question in zip(rows, questions):
+            handle.write(json.dumps({**row, "category": question["kind"]}, ensure_ascii=False) + "\n")
+    return out
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse one holding an earlier demo unless ``overwrite`` (then clear only ours)."""
+    existing = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{out_dir} already holds demo outputs ({', '.join(existing)}); pass --overwrite to "
+                         "replace them or choose another --output-dir")
+    for name in existing:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", settings: DemoSettings = PRESETS["full"],
+             overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run every stage into ``out_dir`` and return the report dict (also written as report.json).
+
+    Args:
+        seed: seeds the task, the starting weights, training, sampling and calibration.
+        device: "cpu" or "cuda" (every stage runs there).
+        settings: sizes of the run (``PRESETS["full"]`` or ``["quick"]``, or your own).
+    Raises:
+        ValueError: bad arguments or an output directory that holds an earlier run.
+        StageError: a stage's command failed (its log is named in the message).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: use cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is visible; use --device cpu")
+    if not TRAIN_SCRIPT.is_file():
+        raise ValueError(f"{TRAIN_SCRIPT} not found; run the demo from a source checkout (pip install -e .)")
+    out = Path(out_dir).resolve()
+    prepare_output_dir(out, overwrite)
+    stages = Stages(out, device, log)
+    start = time.perf_counter()
+    task, model, pairs = out / "task", out / "model", out / "pairs"
+
+    from data_pipeline.synthetic import generate_task
+    from mpo.model.tiny import write_tiny_checkpoint
+
+    log(f"[demo] task: {settings.num_train} train / {settings.num_build} build / {settings.num_test} test questions")
+    stages.timed("task", lambda: generate_task(task, seed=seed, num_train=settings.num_train,
+                                               num_pairs_questions=settings.num_build, num_test=settings.num_test,
+                                               image_size=settings.image_size))
+    log(f"[demo] model: random InternVL of shape {settings.shape!r}")
+    stages.timed("model", lambda: write_tiny_checkpoint(model, seed=seed, shape=settings.shape,
+                                                        image_size=settings.image_size))
+
+    stages.run("sft", _trainer("demo_sft", out / "sft", model, task / "sft", seed, device, settings.sft_steps))
+
+    stages.run("pairs", [
+        sys.executable, "-m", "mpo.build_pairs", f"model={_hydra_str(out / 'sft' / 'final')}",
+        f"questions={_hydra_str(_demo_questions(task))}", f"image_root={_hydra_str(task)}",
+        f"output_dir={_hydra_str(pairs)}", f"samples_per_question={settings.samples_per_question}",
+        f"pairs_per_question={settings.pairs_per_question}", f"temperature={settings.temperature}", "top_k=0",
+        f"max_new_tokens={settings.max_new_tokens}", "max_dynamic_patch=1",
+        f"dropout_ntp.share={settings.dropout_ntp_share}", f"seed={seed}", f"device={device}",
+        "system_prompt=''", "progress=false",
+    ])
+    num_pairs = _count_pairs(pairs)
+    if num_pairs == 0:
+        raise StageError(f"the SFT model produced no preference pair (see {pairs / 'stats.json'}): it never "
+                         "answered in the 'Final answer: X' format; train it longer (sft_steps)")
+
+    stages.run("mpo", _trainer("demo_mpo", out / "mpo", out / "sft" / "final", pairs, seed, device,
+                               settings.mpo_steps))
+
+    stages.run("awq", [
+        sys.executable, "-m", "mpo.export_awq", f"model={_hydra_str(out / 'mpo' / 'final')}",
+        f"data={_hydra_str(pairs)}", f"output_dir={_hydra_str(out / 'mpo_awq')}", f"device={device}",
+        f"dtype={'float32' if device == 'cpu' else 'bfloat16'}", f"seed={seed}", "progress=false",
+        f"calibration.num_samples={min(settings.awq_calibration_samples, num_pairs)}",
+        "calibration.system_prompt=''",
+    ])
+
+    models = {"sft": out / "sft" / "final", "mpo": out / "mpo" / "final", "mpo_awq": out / "mpo_awq"}
+    assert tuple(models) == EVAL_MODELS
+    model_map = "{" + ",".join(f"{name}:{_hydra_str(path)}" for name, path in models.items()) + "}"
+    stages.run("eval", [
+        sys.executable, "-m", "mpo.evaluate", f"model={model_map}",
+        f"benchmarks=[{_hydra_str('custom:' + str(_benchmark_with_kinds(task)))}]",
+        f"output_dir={_hydra_str(out / 'eval')}", "cot=true", f"max_new_tokens={settings.max_new_tokens}",
+        f"batch_size={settings.eval_batch_size}", "max_tiles=1", "system_prompt=''", f"device={device}",
+        "progress=false",
+    ])
+
+    stages.timings["total"] = round(time.perf_counter() - start, 2)
+    (out / "commands.sh").write_text("#!/usr/bin/env bash\n# what `mpo demo` ran, in order\nset -e\n\n"
+                                     + "\n\n".join(stages.commands) + "\n", encoding="utf-8")
+    report = write_report(out, seed=seed, device=device, settings=settings, timings=stages.timings)
+    return report
+
+
+def _count_pairs(pairs_dir: Path) -> int:
+    """Records over every file listed in the pair builder's meta.json (0 when it wrote none)."""
+    meta_path = pairs_dir / "meta.json"
+    if not meta_path.is_file():
+        return 0
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return sum(int(entry.get("length", 0)) for entry in meta.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry of `mpo demo` / `python -m mpo.demo`."""
+    parser = argparse.ArgumentParser(prog="mpo demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="runs/demo", help="where everything is written (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where every stage runs (default: cuda when available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced run (a few questions and steps) that checks every stage works; "
+                             "its accuracies mean nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in DIR")
+    parser.add_argument("--sft-steps", type=int, default=None, help="override the SFT experiment's max_steps")
+    parser.add_argument("--mpo-steps", type=int, default=None, help="override the MPO experiment's max_steps")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = PRESETS["quick" if args.quick else "full"]
+    try:
+        if args.sft_steps is not None or args.mpo_steps is not None:
+            settings = replace(settings, sft_steps=args.sft_steps or settings.sft_steps,
+                               mpo_steps=args.mpo_steps or settings.mpo_steps)
+        report = run_demo(args.output_dir, seed=args.seed, device=device, settings=settings, overwrite=args.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
+    except StageError as err:
+        print(f"mpo demo: {err}", file=sys.stderr)
+        return 1
+    print()
+    print(report["table"])
+    print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
