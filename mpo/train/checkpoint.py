@@ -1,6 +1,6 @@
 """Checkpoints that resume exactly, and the final Hugging Face export.
 
-A checkpoint is a DeepSpeed checkpoint directory `checkpoints/step_XXXXXXXX/` (model, optimizer and
+A checkpoint is a DeepSpeed checkpoint directory `checkpoints/step_<8-digit step>/` (model, optimizer and
 scheduler shards of every rank) whose client state carries the step, the reward shift δ, each rank's
 data-stream position and RNG states. It becomes "latest" only after every rank has finished writing:
 rank 0 then replaces `checkpoints/latest` atomically. A crash mid-save leaves the previous "latest"
