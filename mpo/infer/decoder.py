@@ -24,70 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from mpo.infer.decode_linears import decode_linear, fuse_linears
 from mpo.infer.kv_cache import PrefixKV, StaticKVCache
 
 __all__ = ["ModelPieces", "decode_logits_fused", "decode_logits_torch", "embed_prompt", "fuse_linears", "prefill"]
 
 
-def _fuse_dense(linears: list[nn.Linear]) -> nn.Linear | None:
-    first = linears[0]
-    if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype
-           or m.weight.device != first.weight.device or (m.bias is None) != (first.bias is None) for m in linears):
-        return None
-    sizes = [m.out_features for m in linears]
-    fused = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None, device="meta")
-    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
-    for m, rows in zip(linears, fused.weight.split(sizes)):
-        m.weight = nn.Parameter(rows, requires_grad=False)
-    if first.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
-        for m, part in zip(linears, fused.bias.split(sizes)):
-            m.bias = nn.Parameter(part, requires_grad=False)
-    return fused
-
-
-def _fuse_awq(linears: list[nn.Module]) -> nn.Module | None:
-    from mpo.quant.awq_linear import WQLinear
-    from mpo.quant.pack import AWQLinearWeights
-
-    first = linears[0]
-    if any(m.in_features != first.in_features or m.group_size != first.group_size
-           or (m.bias is None) != (first.bias is None) or m.qweight.device != first.qweight.device for m in linears):
-        return None
-    # AutoAWQ GEMM tensors are [in (or groups), out / 8 | out]: concatenating along the output
-    # axis gives the fused linear's tensors (each packed int32 holds 8 columns of one linear).
-    weights = AWQLinearWeights(
-        qweight=torch.cat([m.qweight for m in linears], dim=1).contiguous(),
-        qzeros=torch.cat([m.qzeros for m in linears], dim=1).contiguous(),
-        scales=torch.cat([m.scales for m in linears], dim=1).contiguous(),
-        bias=None if first.bias is None else torch.cat([m.bias for m in linears]).contiguous(),
-        in_features=first.in_features, out_features=sum(m.out_features for m in linears),
-        group_size=first.group_size)
-    return WQLinear.from_awq_weights(weights, use_kernel=first.use_kernel)
-
-
-def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
-    """One linear computing all of `linears` at once (outputs concatenated), or None.
-
-    Plain `nn.Linear`s of one input size, dtype and device: their weights (and biases) move into
-    the fused module's buffer and each original keeps a view of its rows, so the originals still
-    work and no memory is duplicated. AWQ `WQLinear`s: the packed tensors are concatenated along
-    the output axis into a new `WQLinear` (a copy: ~ the q/k/v or gate/up share of the int4
-    weights, since packed column blocks cannot be views). Anything else: None.
-    """
-    if len(linears) < 2:
-        return None
-    if all(type(m) is nn.Linear for m in linears):
-        return _fuse_dense(linears)
-    if all(type(m).__name__ == "WQLinear" for m in linears):
-        return _fuse_awq(linears)
-    return None
-
-
 @dataclass
 class _FusedLayer:
-    qkv: nn.Module | None  # fused q/k/v projection, or None (then the three projections run)
-    gate_up: nn.Module | None
+    """Decode-time stand-ins for a layer's projections; None means the model's own module runs."""
+
+    qkv: nn.Module | None = None  # q/k/v in one GEMM
+    gate_up: nn.Module | None = None  # gate/up in one GEMM
+    o: nn.Module | None = None  # o_proj in the decode layout (AWQ models)
+    down: nn.Module | None = None  # down_proj in the decode layout (AWQ models)
 
 
 class ModelPieces:
@@ -127,17 +77,23 @@ class ModelPieces:
         self.max_positions = text.max_position_embeddings
         self.has_qk_norm = hasattr(attn, "q_norm")
         self.vocab_size = self.lm_head.out_features
-        self.fused = [_FusedLayer(None, None) for _ in self.layers]
+        self.fused = [_FusedLayer() for _ in self.layers]
 
     def fuse_projections(self) -> None:
-        """Repack q/k/v and gate/up of each layer into one GEMM each for decode (`fuse_linears`:
-        views for bf16 linears, copies for AWQ ones). The model keeps working unchanged."""
+        """Give each layer one GEMM for q/k/v and one for gate/up in decode (`decode_linear`: views
+        for bf16 linears; for AWQ linears on CUDA, copies in the K-major decode layout, and o/down
+        repacked too). The model itself keeps working unchanged (prefill runs its own modules)."""
         for slot, layer in zip(self.fused, self.layers):
             a, m = layer.self_attn, layer.mlp
             if slot.qkv is None:
-                slot.qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
-            if slot.gate_up is None and hasattr(m, "gate_proj") and hasattr(m, "up_proj"):
-                slot.gate_up = fuse_linears([m.gate_proj, m.up_proj])
+                slot.qkv = decode_linear([a.q_proj, a.k_proj, a.v_proj])
+            if slot.o is None:
+                slot.o = decode_linear([a.o_proj])
+            if hasattr(m, "gate_proj") and hasattr(m, "up_proj"):
+                if slot.gate_up is None:
+                    slot.gate_up = decode_linear([m.gate_proj, m.up_proj])
+                if slot.down is None:
+                    slot.down = decode_linear([m.down_proj])
 
     @property
     def device(self) -> torch.device:
@@ -291,11 +247,12 @@ def decode_logits_fused(pieces: ModelPieces, cache: StaticKVCache, tokens_B: tor
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         q = decode_ops.rope_store(q, k, v, cos, sin, positions_B, cache.keys[i], cache.values[i])
         out = decode_ops.decode_attention(q, cache.keys[i], cache.values[i], lengths, pieces.scaling, num_splits)
-        x, residual = rms_norm(attn.o_proj(out.reshape(-1, q_width)), ln2.weight, ln2.variance_epsilon, residual)
+        o_proj = attn.o_proj if fused.o is None else fused.o
+        x, residual = rms_norm(o_proj(out.reshape(-1, q_width)), ln2.weight, ln2.variance_epsilon, residual)
         if fused.gate_up is not None:
             act = silu_mul(fused.gate_up(x))
         else:
             act = silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
-        hidden = mlp.down_proj(act)
+        hidden = (mlp.down_proj if fused.down is None else fused.down)(act)
     x, _ = rms_norm(hidden, pieces.norm.weight, pieces.norm.variance_epsilon, residual)
     return pieces.lm_head(x).float()

@@ -190,7 +190,9 @@ def test_awq_model_decodes_with_w4a16_kernels(tiny_model_dir, requests_):
     engine = Engine.load(tiny_model_dir, device="cuda")
     _quantize_decoder_linears(engine.model)
     engine.generator = FastGenerator(engine.model, stop_id=engine.stop_id)  # fused, graphs, W4A16
-    assert engine.generator.use_fused and type(engine.generator.pieces.fused[0].qkv).__name__ == "WQLinear"
+    fused = engine.generator.pieces.fused[0]
+    assert engine.generator.use_fused  # decode reads the K-major repack, prefill the checkpoint layout
+    assert all(type(m).__name__ == "KMajorLinear" for m in (fused.qkv, fused.o, fused.gate_up, fused.down))
     outputs = engine.generate(requests_, SamplingParams(max_new_tokens=12))
     _assert_consistent_with_forward(engine, requests_, outputs)
     eager = FastGenerator(engine.model, stop_id=engine.stop_id, cuda_graphs=False)

@@ -190,3 +190,27 @@ def test_fuse_awq_linears_concatenates_packed_outputs():
     assert isinstance(fused, WQLinear) and fused.out_features == 96
     assert torch.allclose(fused(x), torch.cat([m(x) for m in quantized], dim=-1), atol=1e-5)
     assert fuse_linears([quantized[0], dense[1]]) is None  # mixed kinds stay separate
+
+
+def test_kmajor_linear_matches_awq_linears_and_decode_linear_picks_by_device():
+    from mpo.infer.decode_linears import KMajorLinear, decode_linear
+    from mpo.quant.awq_linear import WQLinear
+    from mpo.quant.pack import AWQLinearWeights
+
+    torch.manual_seed(2)
+    dense = [nn.Linear(256, 64), nn.Linear(256, 16), nn.Linear(256, 16)]
+    quantized = [WQLinear.from_awq_weights(AWQLinearWeights.from_linear(m)) for m in dense]
+    x = torch.randn(3, 256)
+    want = torch.cat([m(x) for m in quantized], dim=-1)
+    assert KMajorLinear.supports(quantized)
+    repacked = KMajorLinear.from_awq(quantized)  # CPU: the fp32 twin runs
+    assert repacked.out_features == 96 and repacked.in_features == 256
+    torch.testing.assert_close(repacked(x), want, atol=1e-5, rtol=1e-5)
+    single = KMajorLinear.from_awq(quantized[:1])
+    torch.testing.assert_close(single(x), quantized[0](x), atol=1e-5, rtol=1e-5)
+    # On CPU, decode keeps the checkpoint layout (fused WQLinear; a single linear runs as it is).
+    assert isinstance(decode_linear(quantized), WQLinear)
+    assert decode_linear(quantized[:1]) is None
+    assert not KMajorLinear.supports(dense)
+    g64 = [WQLinear.from_awq_weights(AWQLinearWeights.from_linear(nn.Linear(192, 16), group_size=64))]
+    assert not KMajorLinear.supports(g64)  # K = 192 is not a multiple of the 128-row repack block

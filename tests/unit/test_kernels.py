@@ -39,8 +39,17 @@ from mpo.infer.kernels import (  # noqa: E402
     w4a16_gemv_splitk,
 )
 from mpo.infer.kernels import act as _act  # noqa: E402
+import triton  # noqa: E402
+
+from mpo.infer.kernels import w4a16_kmajor as _kmajor  # noqa: E402
+from mpo.infer.kernels.w4a16_kmajor import (  # noqa: E402
+    repack_kmajor,
+    unpack_kmajor,
+    w4a16_kmajor_gemm,
+    w4a16_kmajor_ref,
+)
 from mpo.infer.kernels import norm as _norm  # noqa: E402
-from mpo.quant.pack import pack_awq_gemm  # noqa: E402
+from mpo.quant.pack import pack_awq_gemm, unpack_awq_gemm  # noqa: E402
 from mpo.quant.quantizer import quantize_weight  # noqa: E402
 
 # Put the variable back so modules imported after this one (other test files) jit natively; the
@@ -52,7 +61,8 @@ else:
 
 _CHILD_FLAG = "MPO_KERNEL_TESTS_CHILD"
 _IN_PROCESS = (not _TRITON_NATIVE_BEFORE and KERNELS_INTERPRETED
-               and _norm._interpreted() and _act._interpreted())
+               and _norm._interpreted() and _act._interpreted()
+               and not isinstance(_kmajor._kmajor_kernel, triton.runtime.JITFunction))
 if not _IN_PROCESS and os.environ.get(_CHILD_FLAG):
     raise RuntimeError("the child test process could not import the kernels in interpreter mode")
 
@@ -99,14 +109,14 @@ def _delegated(request) -> bool:
     return True
 
 
-def _quantized_linear(n: int, k: int, seed: int, bias: bool):
+def _quantized_linear(n: int, k: int, seed: int, bias: bool, g: int = G):
     """Random AWQ linear: (qweight, qzeros, scales fp16, bias fp16|None, W_IO fp32 from q/z/s)."""
     gen = torch.Generator().manual_seed(seed)
-    q_OI, scales_GO, zeros_GO = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, G)
+    q_OI, scales_GO, zeros_GO = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, g)
     qweight, qzeros = pack_awq_gemm(q_OI, zeros_GO)
     scales16 = scales_GO.half()
     # Independent of pack.py's unpacking: straight from the quantizer's integers.
-    groups = torch.arange(k) // G
+    groups = torch.arange(k) // g
     w_IO = (q_OI.t().float() - zeros_GO[groups].float()) * scales16[groups].float()
     b = (torch.randn(n, generator=gen) * 0.5).half() if bias else None
     return qweight, qzeros, scales16, b, w_IO
@@ -285,6 +295,115 @@ def test_w4a16_rejects_bad_configs(request):
                     (w4a16_gemv_splitk, W4A16Config(1, 64, 32, split_k=0))]:
         with pytest.raises(ValueError):
             fn(x, qweight, qzeros, scales, group_size=G, config=cfg)
+
+
+# --- W4A16 K-major decode kernel -------------------------------------------------------------
+
+
+def _kmajor_linear(n: int, k: int, g: int, seed: int, bias: bool):
+    """(KMajorW4, bias fp16|None, W_IO fp32, the 4-bit values [K, N] before packing)."""
+    qweight, qzeros, scales, b, w_IO = _quantized_linear(n, k, seed, bias, g)
+    return repack_kmajor(qweight, qzeros, scales, g), b, w_IO, unpack_awq_gemm(qweight, qzeros)[0]
+
+
+def _check_kmajor(y, x, w_IO, bias):
+    exact = x.float() @ w_IO + (bias.float() if bias is not None else 0.0)
+    atol = 1e-5 * (x.float().abs() @ w_IO.abs()).max().item()
+    _assert_close_ulps(y, exact, x.dtype, ulps=1.0, atol=atol)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+def test_kmajor_repack_round_trip(request, g):
+    if _delegated(request):
+        return
+    w, _, _, q_IO = _kmajor_linear(40, 512, g, seed=g, bias=False)
+    assert w.qweight.shape == (40, 64) and w.qweight.dtype == torch.int32
+    assert w.scales.shape == (40, 512 // g) and w.zeros.dtype == torch.uint8
+    assert torch.equal(unpack_kmajor(w), q_IO)
+
+
+def test_kmajor_hand_worked(request):
+    if _delegated(request):
+        return
+    # One block of 128 K rows, N = 16: row n has q = n % 16 everywhere, zero 8, scale 0.5, so with
+    # x = 1 (row 0) and x = 2 (row 1): y = 128 * (n - 8) * 0.5 * x = 64 (n - 8) x, exact in bf16.
+    n, k = 16, 128
+    q = (torch.arange(n) % 16)[:, None].expand(n, k)
+    qweight, qzeros = pack_awq_gemm(q, torch.full((1, n), 8))
+    w = repack_kmajor(qweight, qzeros, torch.full((1, n), 0.5, dtype=torch.float16), 128)
+    x = torch.ones(2, k, dtype=torch.bfloat16)
+    x[1] = 2.0
+    y = w4a16_kmajor_gemm(x, w)
+    base = 64.0 * (torch.arange(n) - 8)
+    torch.testing.assert_close(y.float(), torch.stack([base, 2 * base]), rtol=0, atol=0)
+    torch.testing.assert_close(w4a16_kmajor_ref(x, w).float(), torch.stack([base, 2 * base]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,g", [(1, 72, 256, 128), (3, 200, 384, 128), (17, 48, 256, 64),
+                                     (1, 40, 512, 256), (5, 24, 128, 32), (33, 200, 384, 128)])
+def test_kmajor_matches_exact_product(request, m, n, k, g, dtype, bias):
+    if _delegated(request):
+        return
+    w, b, w_IO, _ = _kmajor_linear(n, k, g, seed=m * 7 + n, bias=bias)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = w4a16_kmajor_gemm(x, w, b)
+    assert y.shape == (m, n)
+    _check_kmajor(y, x, w_IO, b)
+    twin = w4a16_kmajor_ref(x, w, b)
+    torch.testing.assert_close(y.float(), twin.float(), rtol=2 * ULP[dtype], atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [W4A16Config(16, 32, 16, split_k=3),    # uneven slices (2 + 1)
+                                 W4A16Config(16, 64, 16, split_k=1),    # direct write, ragged N tile
+                                 W4A16Config(32, 16, 16, split_k=8)])   # split capped at 3 units
+def test_kmajor_explicit_configs_and_counters(request, cfg):
+    if _delegated(request):
+        return
+    from mpo.infer.kernels import w4a16 as w4a16_module
+
+    w, b, w_IO, _ = _kmajor_linear(200, 384, 128, seed=5, bias=True)
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    first = w4a16_kmajor_gemm(x, w, b, config=cfg)
+    _check_kmajor(first, x, w_IO, b)
+    if cfg.split_k > 1:
+        assert int(w4a16_module._TILE_LOCKS[x.device].abs().sum()) == 0  # counters reset themselves
+    assert torch.equal(first, w4a16_kmajor_gemm(x, w, b, config=cfg))  # slice order: deterministic
+
+
+def test_kmajor_leading_dims_strided_and_empty(request):
+    if _delegated(request):
+        return
+    w, _, w_IO, _ = _kmajor_linear(64, 256, 128, seed=3, bias=False)
+    base = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(5)).half()
+    x = base[..., ::2]  # non-contiguous view [2, 3, K]
+    y = w4a16_kmajor_gemm(x, w)
+    assert y.shape == (2, 3, 64)
+    _check_kmajor(y.reshape(6, 64), x.reshape(6, 256), w_IO, None)
+    assert w4a16_kmajor_gemm(torch.empty(0, 256, dtype=torch.half), w).shape == (0, 64)
+
+
+def test_kmajor_rejects_bad_inputs(request):
+    if _delegated(request):
+        return
+    qweight, qzeros, scales, _, _ = _quantized_linear(64, 256, seed=0, bias=False)
+    with pytest.raises(ValueError, match="group_size"):
+        repack_kmajor(qweight, qzeros, scales, 16)
+    q200, z200 = pack_awq_gemm(torch.zeros(8, 192, dtype=torch.int64), torch.zeros(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        repack_kmajor(q200, z200, torch.ones(3, 8, dtype=torch.half), 64)
+    with pytest.raises(ValueError, match="scales"):
+        repack_kmajor(qweight, qzeros, scales[:, :8], 128)
+    w = repack_kmajor(qweight, qzeros, scales, 128)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    for bad in (dict(x=x.float()), dict(x=x[:, :128]), dict(bias=torch.zeros(63)), dict(w=(qweight, qzeros)),
+                dict(config=W4A16Config(8, 32, 16)), dict(config=W4A16Config(16, 48, 16)),
+                dict(config=W4A16Config(16, 32, 16, split_k=0))):
+        args = dict(x=x, w=w, bias=None, config=None)
+        args.update(bad)
+        with pytest.raises(ValueError):
+            w4a16_kmajor_gemm(**args)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------

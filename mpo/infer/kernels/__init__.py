@@ -1,4 +1,5 @@
-"""Inference kernels: W4A16 GEMM/GEMV (AutoAWQ GEMM layout), fused RMSNorm, fused SiLU*mul.
+"""Inference kernels: W4A16 GEMM/GEMV (AutoAWQ GEMM layout and the K-major decode repack), fused
+RMSNorm, fused SiLU*mul.
 
 Triton kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` set before this package is imported
 (then they also run on CPU tensors, slowly). ``reference`` holds plain-torch twins of each kernel.
@@ -16,12 +17,15 @@ from mpo.infer.kernels.w4a16 import (
     w4a16_gemm_tiled,
     w4a16_gemv_splitk,
 )
+from mpo.infer.kernels.w4a16_kmajor import KMajorW4, repack_kmajor, w4a16_kmajor_gemm, w4a16_kmajor_ref
 
 __all__ = [
     "KERNELS_INTERPRETED",
+    "KMajorW4",
     "SKINNY_MAX_M",
     "W4A16Config",
     "default_config",
+    "repack_kmajor",
     "rms_norm",
     "rms_norm_ref",
     "silu_mul",
@@ -30,4 +34,6 @@ __all__ = [
     "w4a16_gemm_ref",
     "w4a16_gemm_tiled",
     "w4a16_gemv_splitk",
+    "w4a16_kmajor_gemm",
+    "w4a16_kmajor_ref",
 ]

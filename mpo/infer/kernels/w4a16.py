@@ -216,24 +216,31 @@ def _w4a16_splitk_kernel(
         GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT,
     )
     if USE_SPLIT:
-        # fp32 partials [split_k, M, N]; the last slice to finish a tile sums them, so one launch
-        # does the whole op (a separate reduce kernel costs a launch per linear per token).
-        offs = rm[:, None] * N + rn[None, :]
-        tl.store(part_ptr + pid_s * M * N + offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the count is released
-        tile = pid_m * tl.num_programs(0) + pid_n
-        done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if done == split_k - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(split_k):
-                # .cg reads L2, where the other programs' partials are; L1 may hold stale lines.
-                total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            _store_output(total, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn,
-                          HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)  # self-resetting: ready for the next launch
+        _splitk_finish(acc, bias_ptr, y_ptr, part_ptr, lock_ptr, rm, rn, mask_n, mask, M, N, pid_s, pid_m, pid_n,
+                       split_k, stride_ym, stride_yn, HAS_BIAS, BLOCK_M, BLOCK_N)
     else:
         _store_output(acc, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _splitk_finish(acc, bias_ptr, y_ptr, part_ptr, lock_ptr, rm, rn, mask_n, mask, M, N, pid_s, pid_m, pid_n,
+                   split_k, stride_ym, stride_yn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Write this K slice's fp32 partial [BLOCK_M, BLOCK_N]; the last slice of the tile to finish
+    (an atomic count) sums all partials in slice order and writes y, so the op stays one launch (a
+    separate reduce kernel costs a launch per linear per token) and its result is deterministic."""
+    offs = rm[:, None] * N + rn[None, :]
+    tl.store(part_ptr + pid_s * M * N + offs, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the count is released
+    tile = pid_m * tl.num_programs(0) + pid_n
+    done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if done == split_k - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(split_k):
+            # .cg reads L2, where the other programs' partials are; L1 may hold stale lines.
+            total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        _store_output(total, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn, HAS_BIAS)
+        tl.atomic_xchg(lock_ptr + tile, 0)  # self-resetting: ready for the next launch
 
 
 # Decided when the kernels were decorated: TRITON_INTERPRET=1 at import time.
