@@ -1,26 +1,27 @@
 """W4A16 decode kernel over a K-major repack of an AutoAWQ linear: ``y = x @ W_IO + bias``.
 
 The AutoAWQ GEMM layout (``mpo.infer.kernels.w4a16``) packs eight *output columns* per int32, so a
-GEMV thread reads 4 bytes per K row and must shuffle nibbles into column order. For decode (M
-small, weight-bandwidth bound) the engine repacks each linear once at load time into:
+kernel must unpack nibble by nibble and shuffle them into column order. For decode (M small,
+weight-bandwidth bound) the engine repacks each linear once at load time into:
 
-- ``qweight`` int32 [N, K/8]: row n holds W[:, n]. K is cut into blocks of 128; in block b, word
-  c (0..15) holds nibble i (bits 4i..4i+3) = ``q[k = 128 b + 16 i + c, n]``. A thread's 16-byte
-  load is 32 weights of one output, and the 16 activations that nibble i of 16 consecutive words
-  multiplies are contiguous (one vector load of x per nibble, no shuffles).
+- ``qweight`` int32 [N, K/8]: row n holds W[:, n]. K is cut into blocks of 128 rows; in a block,
+  word c (0..15) holds K rows 8c .. 8c + 7, with K row ``8c + 4a + 2b + h`` in nibble ``4h + 2b + a``.
+  So one shift of a word brings nibbles (i, i + 4), i = a + 2b, to the same bit offset of its two
+  16-bit halves, and those two halves are adjacent K rows, which is how a tensor-core operand
+  register pairs its two 16-bit values.
 - ``scales`` [N, K/g] (the checkpoint's dtype) and ``zeros`` uint8 [N, K/g]: per output row, so a
   program reads them contiguously with its weights.
 
-Math. The FMA path (M = 1) turns a nibble into the float ``1 + q/16`` with one shift and one
-bit-select (the nibble lands in the top mantissa bits of 1.0: no int->float instruction, no
-subtraction), accumulates ``sum_i (1 + q_i/16) x_i`` per group in fp32, and recovers
-``sum (q - z) x = 16 * acc - (16 + z) * sum x`` once per group before the scale. The products and
-sums are exact-magnitude fp32 (no large offset cancels), so the result matches the fp32 twin to
-fp32 accumulation error. The tensor-core path (M > 1) forms ``q - z`` exactly in 16-bit floats and
-runs one ``tl.dot`` of K = 16 per nibble (the MMA's native K), scaling each group's fp32 partial.
+Math. Per pair of weights: one shift, one ``lop3`` that masks both nibbles into the top mantissa
+bits of a packed pair of 1.0s (giving ``1 + q/16``, no int->float conversion), and one packed
+subtract of ``1 + z/16``, leaving ``(q - z)/16`` exactly in bf16/fp16. ``tl.dot`` multiplies that by
+x in fp32 (exact products, fp32 accumulation); each group's partial is scaled by ``16 * scale``.
+Nothing dequantized is rounded, so the result matches the fp32 twin to fp32 accumulation error.
+Rows of x past M are masked, so M = 1 runs as one 16-row tensor-core tile.
 
-Both paths split K over programs and reduce the fp32 partials in the last program of each tile
-(an atomic counter, as ``w4a16_gemv_splitk`` does), so an op is one launch.
+K is split over programs and the fp32 partials are reduced by the last program of each tile (an
+atomic counter, as ``w4a16_gemv_splitk`` does), so an op is one launch. ``pdl`` launches it with
+programmatic dependent launch (measured slower in a decode chain: bench/chain_decode_linears.py).
 """
 
 from __future__ import annotations
@@ -301,11 +302,15 @@ def w4a16_kmajor_gemm(x: torch.Tensor, w: KMajorW4, bias: torch.Tensor | None = 
     Args:
         x: bf16/fp16 [..., K]. w: the repacked linear. bias: float [N] or None.
         config: launch config; ``kmajor_config`` when None (``block_k`` ignored).
+        pdl: programmatic dependent launch (Hopper+): 0 off; 1 wait for the previous kernel at the
+            start; 2 first prefetch this program's weights into L2. Same result bit for bit.
 
     Returns:
         y [..., N] in x's dtype, fp32 accumulation.
     """
     _check(x, w, bias, config)
+    if pdl not in (0, 1, 2):
+        raise ValueError(f"pdl must be 0, 1 or 2, got {pdl!r}")
     k, n = w.in_features, w.out_features
     m = x.numel() // k
     x2 = x.reshape(m, k)
