@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device-machine driver for the inference, kernel and AWQ benchmarks (one GPU).
-# Usage: bash bench/run_gpu_benches.sh infer|kernels|awq
+# Usage: bash bench/run_gpu_benches.sh infer|kernels|awq|demo
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -17,6 +17,11 @@ case "$1" in
     timeout 200 python3 bench/bench_kernels.py --out "$OUT/bench_kernels_h100.json" 2>&1 | tail -30
     timeout 100 python3 bench/chain_decode_linears.py --ms 1,8 --out "$OUT/chain_decode_linears_h100.json" 2>&1 | tail -14
     timeout 120 python3 bench/profile_decode.py --engine awq --out "$OUT/profile_decode_awq_h100.json" 2>&1 | tail -12
+    ;;
+  demo)
+    # `mpo demo` on one GPU (the issue's target: <= 3 minutes); report files come back under $OUT.
+    timeout 560 python3 -m mpo.demo --device cuda --output-dir /tmp/demo_gpu --seed "${2:-0}" 2>&1 | tail -25
+    cp /tmp/demo_gpu/report.json "$OUT/demo_report_gpu.json"; cp /tmp/demo_gpu/report.md "$OUT/demo_report_gpu.md"
     ;;
   awq)
     timeout 560 python3 bench/bench_awq.py --out "$OUT/bench_awq.json" 2>&1 | tee "$OUT/bench_awq.log" | tail -40
