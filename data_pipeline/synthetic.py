@@ -79,7 +79,8 @@ def _check_side(name: str, value: object) -> int:
 
 
 def _generate_split(
-    split: str, count: int, seed: int, width: int, height: int, seen: set[tuple[str, str]]
+    split: str, count: int, seed: int, width: int, height: int, seen: set[tuple[str, str]],
+    fixed_options: bool = False,
 ) -> list[tuple[dict, bytes]]:
     """``count`` (record, png) pairs; kinds balanced to within one, order shuffled by the seed."""
     rng = random.Random(f"synthetic:{seed}:{split}")
@@ -88,7 +89,7 @@ def _generate_split(
     out = []
     for i, kind in enumerate(kinds):
         while True:
-            record = sample_question(rng, kind, width, height)
+            record = sample_question(rng, kind, width, height, fixed_options=fixed_options)
             png = png_bytes(render_scene(record["scene"]))
             # The splits must never share an identical (image, question): key on pixels + text.
             key = (hashlib.sha1(png).hexdigest(), record["question"] + options_block(record))
@@ -111,7 +112,7 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _sft_rows(records: list[dict], seed: int) -> list[dict]:
+def _sft_rows(records: list[dict], seed: int, scene_description: bool = True) -> list[dict]:
     rows = []
     for record in records:
         # One generator per record: a record's pair does not depend on the records before it.
@@ -120,8 +121,8 @@ def _sft_rows(records: list[dict], seed: int) -> list[dict]:
             {
                 "image": record["image"],
                 "question": cot_prompt(record),
-                "chosen": cot_answer(record, correct=True, rng=rng),
-                "rejected": cot_answer(record, correct=False, rng=rng),
+                "chosen": cot_answer(record, correct=True, rng=rng, scene_description=scene_description),
+                "rejected": cot_answer(record, correct=False, rng=rng, scene_description=scene_description),
                 "answer_gt": record["answer"],
             }
         )
@@ -165,6 +166,8 @@ def generate_task(
     image_size: int = 224,
     width: int | None = None,
     height: int | None = None,
+    fixed_options: bool = False,
+    scene_description: bool = True,
 ) -> dict:
     """Generate the synthetic task under ``out_dir`` (created; existing files are overwritten).
 
@@ -174,12 +177,21 @@ def generate_task(
             (pair builder) and ``test`` splits; one image each.
         image_size: side in pixels of the square images; ``width`` / ``height`` override it for
             non-square images. Each side must be within 64..4096.
+        fixed_options: list choice options in one canonical order instead of shuffled ones (see
+            ``sample_question``); the same draws as with False, so the same scenes and questions,
+            only the option order and hence the answer letters differ. The demo uses it: its 2-layer language model does not
+            learn to look a colour or side up in a shuffled option list within its CPU budget.
+        scene_description: False: the SFT answers' reasoning about shapes scenes leaves out the
+            opening description of every object and names only the queried ones (``cot_answer``).
     Returns:
         ``{"out_dir", "manifest", "questions": {split: path}, "sft_meta", "sft_annotation",
         "test_tsv", "test_jsonl", "counts": {split: n}, "num_images"}`` (paths are absolute).
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    for name, flag in (("fixed_options", fixed_options), ("scene_description", scene_description)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     counts = {
         "train": _check_count("num_train", num_train),
         "build": _check_count("num_pairs_questions", num_pairs_questions),
@@ -194,7 +206,7 @@ def generate_task(
         path.mkdir(parents=True, exist_ok=True)
 
     seen: set[tuple[str, str]] = set()
-    splits = {s: _generate_split(s, counts[s], seed, width, height, seen) for s in SPLITS}
+    splits = {s: _generate_split(s, counts[s], seed, width, height, seen, fixed_options) for s in SPLITS}
     written = set()
     for split, pairs in splits.items():
         for record, png in pairs:
@@ -207,7 +219,7 @@ def generate_task(
         if _IMAGE_NAME.fullmatch(path.name) and path.name not in written:
             path.unlink()
 
-    sft_rows = _sft_rows([r for r, _ in splits["train"]], seed)
+    sft_rows = _sft_rows([r for r, _ in splits["train"]], seed, scene_description)
     sft_annotation = dirs["sft"] / "synthetic_sft.jsonl"
     _write_jsonl(sft_annotation, sft_rows)
     sft_meta = dirs["sft"] / "meta.json"
@@ -223,7 +235,9 @@ def generate_task(
     manifest = root / "manifest.json"
     _write_json(manifest, {
         "generator": "data_pipeline.synthetic", "format_version": 1, "seed": seed,
-        "image_width": width, "image_height": height, "counts": counts, "kinds": kinds,
+        "image_width": width, "image_height": height, "fixed_options": fixed_options,
+        "scene_description": scene_description,
+        "counts": counts, "kinds": kinds,
         "files": {"questions": {s: f"questions/{s}.jsonl" for s in SPLITS},
                   "sft_meta": "sft/meta.json", "test_tsv": "test/SYNTHETIC.tsv",
                   "test_jsonl": "test/synthetic.jsonl"},
@@ -277,12 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=_image_side, default=224, help="square side in pixels")
     parser.add_argument("--width", type=_image_side, default=None, help="overrides --image-size")
     parser.add_argument("--height", type=_image_side, default=None, help="overrides --image-size")
+    parser.add_argument("--fixed-options", action="store_true",
+                        help="canonical option order (red, green, blue, yellow; left, right; ...) instead of shuffled")
+    parser.add_argument("--no-scene-description", dest="scene_description", action="store_false",
+                        help="SFT reasoning names only the queried objects, without first describing every object")
     args = parser.parse_args(argv)
     try:
         result = generate_task(
             args.out_dir, seed=args.seed, num_train=args.num_train,
             num_pairs_questions=args.num_build, num_test=args.num_test,
             image_size=args.image_size, width=args.width, height=args.height,
+            fixed_options=args.fixed_options, scene_description=args.scene_description,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

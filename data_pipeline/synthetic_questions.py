@@ -188,11 +188,21 @@ _SAMPLERS = {
 }
 
 
-def sample_question(rng: random.Random, kind: str, width: int, height: int) -> dict:
+# Canonical option order used with ``fixed_options``: colours in COLOR_ORDER, then the sides.
+_OPTION_ORDER = {text: i for i, text in enumerate(COLOR_ORDER + ("left", "right", "top", "bottom"))}
+
+
+def sample_question(rng: random.Random, kind: str, width: int, height: int, *,
+                    fixed_options: bool = False) -> dict:
     """One question record (without id/image) of ``kind`` on a fresh ``width x height`` scene.
 
     Returns ``{"question" ("<image>\\n" + text), "answer", "options"?, "source", "kind", "match_mode", "scene",
     "query"}``; the answer is derived from the scene by ``answer_from_scene``.
+
+    ``fixed_options=True`` lists choice options in one canonical order (red, green, blue, yellow;
+    left, right; top, bottom; bars A..D) instead of a shuffled one, so the option letter of an answer
+    is a fixed function of it ("blue" is always C) rather than a look-up in the prompt. The rng draws
+    are the same either way: the same seed gives the same scenes and questions, only the order differs.
     """
     if kind not in _SAMPLERS:
         raise ValueError(f"unknown question kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -200,6 +210,8 @@ def sample_question(rng: random.Random, kind: str, width: int, height: int) -> d
         scene, query, text, options = _SAMPLERS[kind](rng, width, height)
         if scene is not None:
             break
+    if fixed_options and options:
+        options = sorted(options, key=lambda o: _OPTION_ORDER.get(o, len(_OPTION_ORDER)))
     record = {"question": "<image>\n" + text, "answer": answer_from_scene(scene, query, options)}
     if options:
         record["options"] = options
@@ -272,8 +284,12 @@ def _describe(objects: list[dict]) -> str:
                              for k in keys]) + "."
 
 
-def _reasoning(scene: dict, query: dict, options: list[str] | None, answer: str) -> str:
-    """Templated reasoning consistent with ``scene`` (the true or a misperceived one)."""
+def _reasoning(scene: dict, query: dict, options: list[str] | None, answer: str, describe: bool = True) -> str:
+    """Templated reasoning consistent with ``scene`` (the true or a misperceived one).
+
+    ``describe=False`` leaves out the opening description of every object ("I see 2 red circles and ...")
+    of shapes scenes, so the reasoning names only the objects the question is about.
+    """
     op = query["op"]
     if op == "digit":
         names = [SEGMENT_NAMES[s] for s in DIGIT_SEGMENTS[scene["digit"]]]
@@ -289,7 +305,7 @@ def _reasoning(scene: dict, query: dict, options: list[str] | None, answer: str)
         return text + f" Bar {query['label']} reaches the grid line for {answer}."
     objects = scene["objects"]
     flt = query.get("filter")
-    text = _describe(objects) + " "
+    text = _describe(objects) + " " if describe else ""
     if op == "count":
         if answer == "0":
             return text + f"There are no {_phrase(flt)}, so the count is 0."
@@ -323,7 +339,8 @@ def _reasoning(scene: dict, query: dict, options: list[str] | None, answer: str)
                    f"{side.capitalize()} is option {answer}.")
 
 
-def cot_answer(question_record: dict, *, correct: bool = True, rng: random.Random) -> str:
+def cot_answer(question_record: dict, *, correct: bool = True, rng: random.Random,
+               scene_description: bool = True) -> str:
     """Short templated chain of thought ending with a line ``Final answer: X``.
 
     Args:
@@ -334,6 +351,8 @@ def cot_answer(question_record: dict, *, correct: bool = True, rng: random.Rando
             extra, recoloured, reshaped, mirrored or resized object; a misread bar or digit), so the
             chain is internally consistent and X differs from the truth.
         rng: drives the choice of mistakes; pass a seeded ``random.Random`` for reproducibility.
+        scene_description: False: shapes-scene reasoning starts at the queried objects ("The only
+            triangle is green. ...") instead of first describing every object in the image.
     """
     missing = [k for k in ("scene", "query", "answer") if k not in question_record]
     if missing:
@@ -352,7 +371,7 @@ def cot_answer(question_record: dict, *, correct: bool = True, rng: random.Rando
         else:
             raise AssertionError(f"no plausible wrong reading found for query {query}")
     answer = _derive(seen, query, options)
-    return _reasoning(seen, query, options, answer) + f"\nFinal answer: {answer}"
+    return _reasoning(seen, query, options, answer, scene_description) + f"\nFinal answer: {answer}"
 
 
 # ---------------------------------------------------------------- prompts

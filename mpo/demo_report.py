@@ -4,8 +4,8 @@ Reads what the stages wrote under the demo directory (``eval/results.json``, ``p
 ``sft/metrics.jsonl``, ``mpo/metrics.jsonl``, ``mpo_awq/awq_report.json``) and writes:
 
 - ``report.json``: ``{"seed", "device", "settings", "accuracy": {"sft", "mpo", "mpo_awq"} (percent of
-  held-out questions right), "accuracy_by_kind", "deltas", "pairs", "training", "awq", "timings_s",
-  "table"}``.
+  held-out questions right), "accuracy_by_kind", "deltas", "answer_priors", "pairs", "training", "awq",
+  "timings_s", "table"}``.
 - ``report.md``: the same as tables, with the figures below.
 - ``sft_curves.png`` (SFT loss), ``mpo_curves.png`` (MPO losses, rewards, reward accuracy),
   ``accuracy.png`` (accuracy per stage).
@@ -14,6 +14,7 @@ Reads what the stages wrote under the demo directory (``eval/results.json``, ``p
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -83,6 +84,67 @@ def training_summary(rows: list[dict]) -> dict:
     return {"steps": last["step"], "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys}}
 
 
+def majority_baseline(reference: list[dict], test: list[dict]) -> float:
+    """Percent of ``test`` questions answered right by giving each its kind's most frequent answer in ``reference``.
+
+    Both are question records ``{"kind", "answer"}`` (``task/questions/*.jsonl``). What a model scores
+    from answer priors alone, without looking at the image: the yardstick for the accuracies above it.
+    Ties go to the answer met first in ``reference``; a kind missing from ``reference`` scores 0.
+    """
+    if not test:
+        raise ValueError("majority_baseline needs at least one test question")
+    counts: dict[str, Counter] = {}
+    for record in reference:
+        counts.setdefault(record["kind"], Counter())[record["answer"]] += 1
+    majority = {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
+    right = sum(record["answer"] == majority.get(record["kind"]) for record in test)
+    return round(100.0 * right / len(test), 2)
+
+
+def modal_answer_share(kinds: list[str], answers: list[str | None]) -> float:
+    """Percent of questions whose answer is the model's most frequent answer for that question's kind.
+
+    ``kinds[i]`` and ``answers[i]`` (None: no parsable answer) belong to question i. 100 means the model
+    gives one answer per kind whatever the image shows; a model that reads its images spreads its
+    answers like the ground truth does (the report gives the ground truth's share).
+    """
+    if len(kinds) != len(answers) or not kinds:
+        raise ValueError(f"need one answer per question, got {len(answers)} answers for {len(kinds)} kinds")
+    per_kind: dict[str, Counter] = {}
+    for kind, answer in zip(kinds, answers):
+        per_kind.setdefault(kind, Counter())[answer] += 1
+    return round(100.0 * sum(c.most_common(1)[0][1] for c in per_kind.values()) / len(kinds), 2)
+
+
+def answer_priors(out_dir: Path) -> dict:
+    """Majority baselines of the demo's task and each evaluated model's modal answer share (percent)."""
+    from data_pipeline.answers import extract_final_answer
+
+    def records(split: str) -> list[dict]:
+        path = out_dir / "task" / "questions" / f"{split}.jsonl"
+        return [json.loads(line) for line in _read_lines(path)]
+
+    test = records("test")
+    kinds = [r["kind"] for r in test]
+    truth_share = modal_answer_share(kinds, [r["answer"] for r in test])
+    shares = {}
+    for name in EVAL_MODELS:
+        rows = [json.loads(line) for line in _read_lines(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")]
+        if len(rows) != len(test):
+            raise ValueError(f"{name}: {len(rows)} predictions for {len(test)} test questions")
+        rows.sort(key=lambda row: row["index"])
+        shares[name] = modal_answer_share(kinds, [extract_final_answer(row["prediction"]) for row in rows])
+    return {"train_majority": majority_baseline(records("train"), test),
+            "build_majority": majority_baseline(records("build"), test),
+            "modal_answer_share": {"ground_truth": truth_share, **shares}}
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: its stage did not finish (see the logs/ folder)")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -120,6 +182,29 @@ def _pairs_section(pairs: dict) -> str:
         f"- questions by outcome: {outcomes}",
         f"- pairs: {pairs['num_pairs']} ({kinds})",
     ])
+
+
+def _priors_section(report: dict) -> str:
+    priors, overall = report["answer_priors"], report["accuracy"]
+    shares = priors["modal_answer_share"]
+    text = [
+        f"Answering every question with its kind's most frequent answer, without looking at the image, scores "
+        f"{priors['build_majority']:.1f} % (majority of the build split, the questions the pairs come from) or "
+        f"{priors['train_majority']:.1f} % (of the SFT training split).",
+        "",
+        "Share of answers that are the model's most frequent answer for the question's kind (100 % = one answer "
+        "per kind whatever the image shows): ground truth " + f"{shares['ground_truth']:.1f} %, "
+        + ", ".join(f"{MODEL_LABELS[m]} {shares[m]:.1f} %" for m in EVAL_MODELS) + ".",
+        "",
+    ]
+    best = max(priors["build_majority"], priors["train_majority"])
+    for name in ("sft", "mpo"):
+        margin = overall[name] - best
+        verdict = ("more than per-kind answer priors explain" if margin > 2.0 else
+                   "not more than per-kind answer priors explain (2 points is the noise of a few hundred questions)")
+        text.append(f"- {MODEL_LABELS[name]}: {overall[name]:.1f} %, {margin:+.1f} points against the better majority "
+                    f"baseline ({best:.1f} %): {verdict}.")
+    return "\n".join(text)
 
 
 def _timings_table(timings: dict[str, float]) -> str:
@@ -196,6 +281,7 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
         "accuracy_by_kind": by_kind,
         "deltas": {"mpo_minus_sft": round(overall["mpo"] - overall["sft"], 2),
                    "mpo_awq_minus_mpo": round(overall["mpo_awq"] - overall["mpo"], 2)},
+        "answer_priors": answer_priors(out_dir),
         "pairs": pairs,
         "training": {"sft": training_summary(sft_rows), "mpo": training_summary(mpo_rows)},
         "awq": {"total_time_s": awq.get("total_time_s")},
@@ -228,6 +314,10 @@ def _markdown(report: dict, by_kind: dict, pairs: dict, timings: dict) -> str:
         "### By question kind (%)",
         "",
         _kind_table(by_kind),
+        "",
+        "### Against answer priors",
+        "",
+        _priors_section(report),
         "",
         "## Preference pairs (built from the SFT model's own samples)",
         "",

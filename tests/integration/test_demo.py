@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from mpo.demo import OUTPUTS, _hydra_str, prepare_output_dir
-from mpo.demo_report import EVAL_MODELS, accuracies, accuracy_table, pair_statistics, training_summary
+from mpo.demo_report import (
+    EVAL_MODELS,
+    accuracies,
+    accuracy_table,
+    majority_baseline,
+    modal_answer_share,
+    pair_statistics,
+    training_summary,
+)
 from mpo.demo_settings import PRESETS, QUICK, DemoSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +51,12 @@ def test_quick_demo_report_json(quick_demo):
         assert 0 <= value <= 100
         assert abs(value * QUICK.num_test / 100 - round(value * QUICK.num_test / 100)) < 0.01
     assert report["deltas"]["mpo_minus_sft"] == pytest.approx(report["accuracy"]["mpo"] - report["accuracy"]["sft"])
+    priors = report["answer_priors"]
+    assert set(priors["modal_answer_share"]) == {"ground_truth", *EVAL_MODELS}
+    for value in [priors["train_majority"], priors["build_majority"], *priors["modal_answer_share"].values()]:
+        assert 0 <= value <= 100
+    for value in priors["modal_answer_share"].values():  # at least one question per kind is its modal answer
+        assert value * QUICK.num_test / 100 >= len(report["accuracy_by_kind"]["sft"]) - 0.01
     pairs = report["pairs"]
     assert pairs["questions"] == QUICK.num_build
     assert pairs["num_pairs"] == sum(pairs["pairs"].values()) > 0
@@ -86,7 +100,8 @@ def test_quick_demo_stage_outputs(quick_demo):
 def test_quick_demo_markdown_plots_and_commands(quick_demo):
     out, _ = quick_demo
     text = (out / "report.md").read_text()
-    for needle in ("## Held-out accuracy", "| SFT |", "| MPO |", "## Preference pairs", "## Time per stage",
+    for needle in ("## Held-out accuracy", "| SFT |", "| MPO |", "### Against answer priors", "## Preference pairs",
+                   "## Time per stage",
                    "(sft_curves.png)", "(mpo_curves.png)", "(accuracy.png)"):
         assert needle in text
     for name in ("sft_curves.png", "mpo_curves.png", "accuracy.png"):
@@ -138,6 +153,36 @@ def test_settings_validation_lists_every_problem():
     assert PRESETS["quick"].num_test < PRESETS["full"].num_test
 
 
+def test_with_values_parses_by_field_type():
+    changed = QUICK.with_values(["num_train=40", "temperature=0.7", "sft_steps=none", "fixed_options=false",
+                                 "shape=tiny"])
+    assert (changed.num_train, changed.temperature, changed.sft_steps) == (40, 0.7, None)
+    assert changed.fixed_options is False and changed.shape == "tiny"
+    assert isinstance(changed.temperature, float) and changed.num_build == QUICK.num_build
+    assert QUICK.with_values([]) == QUICK
+    assert DemoSettings(fixed_options=False).with_values(["fixed_options=TRUE"]).fixed_options is True
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("num_trains=10", "use KEY=VALUE with KEY one of"),  # unknown key
+    ("num_train", "use KEY=VALUE"),  # no '='
+    ("sft_overrides=optim.lr=1", "KEY one of"),  # the override tuples are set with --sft-arg, not --set
+    ("num_train=lots", "expected int"),  # bad value type
+    ("temperature=hot", "expected float"),
+    ("fixed_options=maybe", "expected true or false"),
+    ("num_train=0", "must be a positive integer"),  # well typed, out of range: validation still runs
+])
+def test_with_values_rejects_bad_input(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        QUICK.with_values([assignment])
+
+
+def test_bad_set_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "mpo.demo", "--quick", "--set", "num_train=lots"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "num_train='lots': expected int" in proc.stderr
+
+
 def test_hydra_values_are_quoted_only_when_needed():
     assert _hydra_str("/tmp/run-1/sft_final") == "/tmp/run-1/sft_final"
     assert _hydra_str("custom:/a/b.jsonl") == "'custom:/a/b.jsonl'"
@@ -162,6 +207,26 @@ def test_accuracies_and_table_hand_worked():
         accuracies({"sft": results["sft"], "mpo": results["mpo"]})
 
 
+def test_majority_baseline_hand_worked():
+    reference = [{"kind": "exist", "answer": "Yes"}, {"kind": "exist", "answer": "Yes"},
+                 {"kind": "exist", "answer": "No"}, {"kind": "count", "answer": "3"},
+                 {"kind": "count", "answer": "2"}]  # count: a 1-1 tie goes to the first met, "3"
+    test = [{"kind": "exist", "answer": "Yes"}, {"kind": "exist", "answer": "No"}, {"kind": "count", "answer": "3"},
+            {"kind": "count", "answer": "2"}, {"kind": "digit", "answer": "7"}]  # digit: not in reference
+    assert majority_baseline(reference, test) == 40.0  # Yes and 3 right: 2 of 5
+    with pytest.raises(ValueError, match="at least one test question"):
+        majority_baseline(reference, [])
+
+
+def test_modal_answer_share_hand_worked():
+    kinds = ["exist"] * 4 + ["count"] * 2
+    assert modal_answer_share(kinds, ["Yes", "Yes", "Yes", "No", "1", "2"]) == 66.67  # (3 + 1) of 6
+    assert modal_answer_share(kinds, ["No"] * 4 + ["1", "1"]) == 100.0
+    assert modal_answer_share(["exist", "exist"], [None, "Yes"]) == 50.0  # no parsable answer is one more answer
+    with pytest.raises(ValueError, match="one answer per question"):
+        modal_answer_share(kinds, ["Yes"])
+
+
 def test_pair_statistics_and_training_summary():
     stats = {"total": {
         "questions": 10, "samples": 70, "generated_tokens": 3000, "hard_questions": 2, "dropped_all_correct": 1,
@@ -178,3 +243,56 @@ def test_pair_statistics_and_training_summary():
     assert summary["steps"] == 5
     assert summary["first"]["loss"] == 1.5 and summary["last"]["reward_accuracy"] == 0.75
     assert summary["last"]["loss_bco"] is None
+
+
+# ---------------------------------------------------------------- the task options the demo uses
+
+def test_fixed_options_same_scenes_canonical_order():
+    import random
+
+    from data_pipeline.synthetic_questions import sample_question
+
+    for i, kind in enumerate(("color", "position", "chart_tallest") * 20):
+        shuffled = sample_question(random.Random(i), kind, 224, 224)
+        fixed = sample_question(random.Random(i), kind, 224, 224, fixed_options=True)
+        assert fixed["scene"] == shuffled["scene"] and fixed["question"] == shuffled["question"]
+        assert sorted(fixed["options"]) == sorted(shuffled["options"])
+        # the same option text is right in both; only its letter moves
+        assert fixed["options"]["ABCD".index(fixed["answer"])] == shuffled["options"]["ABCD".index(shuffled["answer"])]
+        expected = {"color": ["red", "green", "blue", "yellow"]}.get(kind)
+        if kind == "position":
+            expected = ["left", "right"] if fixed["query"]["axis"] == "horizontal" else ["top", "bottom"]
+        if kind == "chart_tallest":
+            expected = [f"bar {c}" for c in "ABCD"[: len(fixed["options"])]]
+        assert fixed["options"] == expected
+
+
+def test_reasoning_without_scene_description_hand_worked():
+    import random
+
+    from data_pipeline.synthetic_questions import cot_answer
+
+    scene = {"type": "shapes", "width": 100, "height": 100, "background": [255, 255, 255],
+             "objects": [{"shape": "circle", "color": "red", "cx": 20, "cy": 20, "r": 8},
+                         {"shape": "circle", "color": "red", "cx": 60, "cy": 20, "r": 8},
+                         {"shape": "square", "color": "blue", "cx": 20, "cy": 70, "r": 20}]}
+    record = {"scene": scene, "query": {"op": "count", "filter": {"color": "red", "shape": "circle"}}, "answer": "2"}
+    full = cot_answer(record, rng=random.Random(0))
+    short = cot_answer(record, rng=random.Random(0), scene_description=False)
+    assert full == "I see 2 red circles and 1 blue square. Counting the red circles gives 2.\nFinal answer: 2"
+    assert short == "Counting the red circles gives 2.\nFinal answer: 2"
+    wrong = cot_answer(record, correct=False, rng=random.Random(3), scene_description=False)
+    assert not wrong.startswith("I see") and not wrong.endswith("Final answer: 2")
+
+
+def test_task_flags_reach_the_sft_answers(tmp_path):
+    from data_pipeline.synthetic import generate_task
+
+    generate_task(tmp_path, seed=1, num_train=18, num_pairs_questions=0, num_test=0, image_size=96,
+                  fixed_options=True, scene_description=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["fixed_options"] is True and manifest["scene_description"] is False
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "synthetic_sft.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 and not any(r["chosen"].startswith("I see ") and "digit" not in r["chosen"] for r in rows)
+    with pytest.raises(ValueError, match="scene_description must be True or False"):
+        generate_task(tmp_path, num_train=1, num_pairs_questions=0, num_test=0, scene_description="no")
