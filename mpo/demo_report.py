@@ -32,11 +32,15 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: its stage did not finish (see the logs/ folder)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The trainer's metrics.jsonl rows (one per logged optimizer step)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the training stage did not finish")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _read_jsonl(path)
 
 
 def accuracies(results: dict) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -121,15 +125,14 @@ def answer_priors(out_dir: Path) -> dict:
     from data_pipeline.answers import extract_final_answer
 
     def records(split: str) -> list[dict]:
-        path = out_dir / "task" / "questions" / f"{split}.jsonl"
-        return [json.loads(line) for line in _read_lines(path)]
+        return _read_jsonl(out_dir / "task" / "questions" / f"{split}.jsonl")
 
     test = records("test")
     kinds = [r["kind"] for r in test]
     truth_share = modal_answer_share(kinds, [r["answer"] for r in test])
     shares = {}
     for name in EVAL_MODELS:
-        rows = [json.loads(line) for line in _read_lines(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")]
+        rows = _read_jsonl(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")
         if len(rows) != len(test):
             raise ValueError(f"{name}: {len(rows)} predictions for {len(test)} test questions")
         rows.sort(key=lambda row: row["index"])
@@ -137,12 +140,6 @@ def answer_priors(out_dir: Path) -> dict:
     return {"train_majority": majority_baseline(records("train"), test),
             "build_majority": majority_baseline(records("build"), test),
             "modal_answer_share": {"ground_truth": truth_share, **shares}}
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: its stage did not finish (see the logs/ folder)")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

@@ -28,12 +28,19 @@ interpreted the dot operands are upcast to fp32, which gives the same exact prod
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from mpo.infer.kernels.splitk import (  # noqa: F401 (_TILE_LOCKS: the counters tests inspect)
+    _TILE_LOCKS,
+    W4A16Config,
+    _num_sms,
+    _split_for,
+    _split_plan,
+    _splitk_finish,
+    _store_output,
+)
 
 __all__ = [
     "KERNELS_INTERPRETED",
@@ -148,15 +155,6 @@ def _accumulate_groups(
 
 
 @triton.jit
-def _store_output(acc, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn,
-                  HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, y_ptr,
     M, N, N8, num_groups,
@@ -222,62 +220,8 @@ def _w4a16_splitk_kernel(
         _store_output(acc, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn, HAS_BIAS)
 
 
-@triton.jit
-def _splitk_finish(acc, bias_ptr, y_ptr, part_ptr, lock_ptr, rm, rn, mask_n, mask, M, N, pid_s, pid_m, pid_n,
-                   split_k, stride_ym, stride_yn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Write this K slice's fp32 partial [BLOCK_M, BLOCK_N]; the last slice of the tile to finish
-    (an atomic count) sums all partials in slice order and writes y, so the op stays one launch (a
-    separate reduce kernel costs a launch per linear per token) and its result is deterministic."""
-    offs = rm[:, None] * N + rn[None, :]
-    tl.store(part_ptr + pid_s * M * N + offs, acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the count is released
-    tile = pid_m * tl.num_programs(0) + pid_n
-    done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if done == split_k - 1:
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(split_k):
-            # .cg reads L2, where the other programs' partials are; L1 may hold stale lines.
-            total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        _store_output(total, bias_ptr, y_ptr, rm, rn, mask_n, mask, stride_ym, stride_yn, HAS_BIAS)
-        tl.atomic_xchg(lock_ptr + tile, 0)  # self-resetting: ready for the next launch
-
-
 # Decided when the kernels were decorated: TRITON_INTERPRET=1 at import time.
 KERNELS_INTERPRETED = not isinstance(_w4a16_gemm_kernel, triton.runtime.JITFunction)
-
-
-@dataclass(frozen=True)
-class W4A16Config:
-    """Launch configuration. Blocks are powers of two; ``block_k`` is capped at the group size.
-
-    Attributes:
-        block_m: rows of x per program (tiled: >= 16; split-K: 1 for FMA GEMV or >= 16 for tl.dot).
-        block_n: output columns per program (multiple of 8, >= 16).
-        block_k: K elements per inner step (>= 16).
-        split_k: K slices (split-K kernel only; 1 writes y directly).
-        num_warps: warps per program.
-        num_stages: software-pipeline depth (ignored by the interpreter).
-        group_m: row-tiles walked together for L2 reuse (tiled kernel only).
-    """
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _split_for(num_groups: int, tiles: int, target_programs: int) -> int:
-    """K slices so that tiles * slices reaches ~target_programs, at most one slice per group."""
-    return max(1, min(num_groups, round(target_programs / max(tiles, 1))))
 
 
 def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
@@ -365,23 +309,6 @@ def _check_config(cfg: W4A16Config, group_size: int, tiled: bool) -> None:
         raise ValueError(f"config.split_k must be >= 1, got {cfg.split_k}")
 
 
-# Per-device tile counters of the split-K kernel. They reset themselves after each use, so one
-# buffer serves every call on a stream; split-K GEMMs running concurrently on different streams
-# of one device would share counters and must not overlap.
-_TILE_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_locks(device: torch.device, count: int) -> torch.Tensor:
-    locks = _TILE_LOCKS.get(device)
-    if locks is None or locks.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("the split-K counters must be allocated before CUDA-graph capture: "
-                             "run w4a16_gemm once at this shape outside the capture (warm-up)")
-        locks = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _TILE_LOCKS[device] = locks
-    return locks
-
-
 def _launch_tiled(x2, qweight, qzeros, scales, bias, y, group_size, cfg):
     m, k = x2.shape
     n = y.shape[1]
@@ -402,14 +329,7 @@ def _launch_splitk(x2, qweight, qzeros, scales, bias, y, group_size, cfg):
     m, k = x2.shape
     n = y.shape[1]
     num_groups = k // group_size
-    groups_per_split = triton.cdiv(num_groups, min(cfg.split_k, num_groups))
-    split_k = triton.cdiv(num_groups, groups_per_split)  # no empty slices
-    grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
-    if split_k > 1:
-        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
-        locks = _tile_locks(x2.device, grid[0] * grid[2])
-    else:
-        partials, locks = y, qzeros  # unused (USE_SPLIT=False)
+    groups_per_split, split_k, grid, partials, locks = _split_plan(num_groups, cfg, y)
     _w4a16_splitk_kernel[grid](
         x2, qweight, qzeros, scales, bias if bias is not None else scales, y, partials, locks,
         m, n, n // PACK, num_groups, groups_per_split, split_k,

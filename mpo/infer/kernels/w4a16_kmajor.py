@@ -33,15 +33,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mpo.infer.kernels.w4a16 import (
-    KERNELS_INTERPRETED,
-    W4A16Config,
-    _num_sms,
-    _split_for,
-    _splitk_finish,
-    _store_output,
-    _tile_locks,
-)
+from mpo.infer.kernels.splitk import W4A16Config, _num_sms, _split_for, _split_plan, _splitk_finish, _store_output
+from mpo.infer.kernels.w4a16 import KERNELS_INTERPRETED
 from mpo.quant.pack import unpack_awq_gemm
 
 __all__ = [
@@ -318,16 +311,8 @@ def w4a16_kmajor_gemm(x: torch.Tensor, w: KMajorW4, bias: torch.Tensor | None = 
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or kmajor_config(m, n, k, w.group_size, x.device)
-    unit = max(w.group_size, KBLOCK)
-    num_units = k // unit
-    per_split = triton.cdiv(num_units, min(cfg.split_k, num_units))
-    split_k = triton.cdiv(num_units, per_split)  # no empty slices
-    grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
-    if split_k > 1:
-        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        locks = _tile_locks(x.device, grid[0] * grid[2])
-    else:
-        partials, locks = y, w.qweight  # unused
+    num_units = k // max(w.group_size, KBLOCK)
+    per_split, split_k, grid, partials, locks = _split_plan(num_units, cfg, y)
     _kmajor_kernel[grid](
         x2, w.qweight, w.scales, w.zeros, bias if bias is not None else w.scales, y, partials, locks,
         m, n, num_units, per_split, split_k,
