@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device-machine driver for the inference, kernel and AWQ benchmarks (one GPU).
-# Usage: bash bench/run_gpu_benches.sh infer|kernels|awq|demo
+# Usage: bash bench/run_gpu_benches.sh infer|kernels|awq|demo [SEED [mpo demo options...]]
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -20,8 +20,9 @@ case "$1" in
     ;;
   demo)
     # `mpo demo` on one GPU (the issue's target: <= 3 minutes); report files come back under $OUT.
-    timeout 560 python3 -m mpo.demo --device cuda --output-dir /tmp/demo_gpu --seed "${2:-0}" 2>&1 | tail -25
+    timeout 560 python3 -m mpo.demo --device cuda --output-dir /tmp/demo_gpu --overwrite --seed "${2:-0}" "${@:3}" 2>&1 | tail -25
     cp /tmp/demo_gpu/report.json "$OUT/demo_report_gpu.json"; cp /tmp/demo_gpu/report.md "$OUT/demo_report_gpu.md"
+    cp /tmp/demo_gpu/sft/metrics.jsonl "$OUT/demo_sft_metrics.jsonl"; cp /tmp/demo_gpu/mpo/metrics.jsonl "$OUT/demo_mpo_metrics.jsonl"
     ;;
   awq)
     timeout 560 python3 bench/bench_awq.py --out "$OUT/bench_awq.json" 2>&1 | tee "$OUT/bench_awq.log" | tail -40

@@ -97,7 +97,8 @@ def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] =
 
 def _settings(cfg: BuildConfig, questions: QuestionSet) -> dict:
     """What the results depend on: a resumed or merged run must have the same."""
-    free = ("output_dir", "device", "dtype", "shard", "stage", "strict", "progress", "stop_after_questions")
+    free = ("output_dir", "device", "dtype", "shard", "stage", "strict", "progress", "stop_after_questions",
+            "questions_per_call", "max_batch_rows")
     keep = {k: v for k, v in asdict(cfg).items() if k not in free}
     keep.update(model_dir=str(Path(cfg.model_dir).resolve()), questions=str(questions.path),
                 image_root=str(questions.image_root))
@@ -156,24 +157,53 @@ class _Sampler:
                               top_p=c.top_p, num_samples=num_samples, seed=question_seed(c.seed, question.id, purpose))
 
     def __call__(self, question: Question) -> dict:
-        line = {"id": question.id, "source": question.source, "line": question.line, "cfg": self.fingerprint,
-                "num_samples": 0, "num_tokens": 0, "counts": {}, "pairs": {}, "hard": None, "reject": None}
-        mdp = self.cfg.source_max_dynamic_patch.get(question.source, self.cfg.max_dynamic_patch)
-        try:
-            images = [str(resolve_media_path(self.image_root, rel)) for rel in question.images]
-            if uses_dropout_ntp(question, self.cfg.seed, self.cfg.dropout_ntp.share):
-                line.update(self._dropout_ntp(question, images, mdp))
-            else:
-                line.update(self._ground_truth(question, images, mdp))
-        except MediaError as err:  # an unreadable image is the record's fault: count it, go on
-            line.update(branch="rejected", status=err.reason, reject={"reason": err.reason, "message": str(err)})
-        return line
+        return self.lines([question])[0]
 
-    def _ground_truth(self, q: Question, images: list[str], mdp: int) -> dict:
+    def lines(self, questions: list[Question]) -> list[dict]:
+        """Shard lines of ``questions``, in order. Their ground-truth samples come from one generate
+        call (each question seeded by its id, so the samples equal those of a call of its own)."""
+        lines, batch = [], []
+        for question in questions:
+            line = {"id": question.id, "source": question.source, "line": question.line, "cfg": self.fingerprint,
+                    "num_samples": 0, "num_tokens": 0, "counts": {}, "pairs": {}, "hard": None, "reject": None}
+            mdp = self.cfg.source_max_dynamic_patch.get(question.source, self.cfg.max_dynamic_patch)
+            try:
+                images = [str(resolve_media_path(self.image_root, rel)) for rel in question.images]
+                if uses_dropout_ntp(question, self.cfg.seed, self.cfg.dropout_ntp.share):
+                    line.update(self._dropout_ntp(question, images, mdp))
+                else:
+                    batch.append((line, question, images, mdp))
+            except MediaError as err:  # an unreadable image is the record's fault: count it, go on
+                _reject(line, err)
+            lines.append(line)
+        if len(batch) > 1 and self._sample_together(batch):
+            return lines
+        for line, question, images, mdp in batch:  # alone: an unreadable image rejects its own line only
+            try:
+                self._sample_together([(line, question, images, mdp)])
+            except MediaError as err:
+                _reject(line, err)
+        return lines
+
+    def _sample_together(self, batch: list[tuple[dict, Question, list[str], int]]) -> bool:
+        """Sample the ground-truth questions of ``batch`` in one call and fill their lines; False when
+        an image of several questions could not be read (then nothing is filled)."""
         c = self.cfg
-        prompt = build_cot_prompt(q.question, style=c.prompt_style, options=q.options)
-        gens = self.engine.generate([Request(prompt, images=images, max_dynamic_patch=mdp)],
-                                    self.params(q, c.samples_per_question))[0]
+        prompts = [build_cot_prompt(q.question, style=c.prompt_style, options=q.options) for _, q, _, _ in batch]
+        requests = [Request(prompt, images=images, max_dynamic_patch=mdp, seed=question_seed(c.seed, q.id))
+                    for prompt, (_, q, images, mdp) in zip(prompts, batch)]
+        try:
+            gens = self.engine.generate(requests, self.params(batch[0][1], c.samples_per_question))
+        except MediaError:
+            if len(batch) == 1:
+                raise
+            return False
+        for prompt, samples, (line, q, _, _) in zip(prompts, gens, batch):
+            line.update(self._ground_truth(q, prompt, samples))
+        return True
+
+    def _ground_truth(self, q: Question, prompt: str, gens: list) -> dict:
+        c = self.cfg
         mode = q.match_mode or c.match_modes.get(q.source, "auto")
         answer = list(q.answer) if isinstance(q.answer, tuple) else q.answer
         classified = classify_responses([g.text.strip() for g in gens], answer, choices=q.options, mode=mode)
@@ -225,6 +255,10 @@ class _Sampler:
                             "rejected_meta": result.rejected_meta})
         return {"branch": "dropout_ntp", "status": result.status, "num_samples": result.num_generated,
                 "num_tokens": result.num_tokens, "pairs": {"dropout_ntp": records}}
+
+
+def _reject(line: dict, err: MediaError) -> None:
+    line.update(branch="rejected", status=err.reason, reject={"reason": err.reason, "message": str(err)})
 
 
 # ---------------------------------------------------------------- the loop
@@ -287,11 +321,12 @@ def sample_shard(cfg: BuildConfig, questions: QuestionSet, engine_factory: Calla
                            else cfg.samples_per_question for q in todo[:limit])
             with tqdm(total=expected, unit="sample", desc=f"shard {index}/{count}", disable=not cfg.progress,
                       file=sys.stderr, dynamic_ncols=True) as bar:
-                for question in todo[:limit]:
-                    line = sampler(question)
-                    writer.write(line)
-                    num_samples += line["num_samples"]
-                    bar.update(line["num_samples"])
+                step = cfg.questions_per_call
+                for start_at in range(0, limit, step):
+                    for line in sampler.lines(todo[start_at:min(start_at + step, limit)]):
+                        writer.write(line)
+                        num_samples += line["num_samples"]
+                        bar.update(line["num_samples"])
             seconds = time.perf_counter() - start
         return ShardSummary(index, count, writer.path, len(mine), len(mine) - len(todo), limit, num_samples,
                             seconds, limit < len(todo))
@@ -332,7 +367,8 @@ def _default_engine_factory(cfg: BuildConfig, env: Mapping[str, str]) -> Callabl
             device = f"cuda:{env['LOCAL_RANK']}"
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         system = INTERNVL25_SYSTEM_PROMPT if cfg.system_prompt == "default" else (cfg.system_prompt or None)
-        return Engine.load(cfg.model_dir, device=device, dtype=dtype, system_prompt=system)
+        return Engine.load(cfg.model_dir, device=device, dtype=dtype, system_prompt=system,
+                           max_batch_rows=cfg.max_batch_rows)
 
     return load
 

@@ -34,7 +34,9 @@ import sys
 from pathlib import Path
 
 from data_pipeline.synthetic_questions import (
+    ALL_KINDS,
     COT_PROMPT,
+    KIND_SETS,
     KINDS,
     LETTERS,
     MATCH_MODES,
@@ -49,8 +51,8 @@ from data_pipeline.synthetic_render import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, png_b
 
 # Question sampling, answers and chain-of-thought text live in synthetic_questions; they are
 # re-exported here so ``from data_pipeline.synthetic import sample_question`` keeps working.
-__all__ = ["COT_PROMPT", "KINDS", "MATCH_MODES", "SPLITS", "answer_from_scene", "cot_answer",
-           "cot_prompt", "generate_task", "main", "options_block", "sample_question"]
+__all__ = ["COT_PROMPT", "KIND_SETS", "KINDS", "MATCH_MODES", "SPLITS", "answer_from_scene", "cot_answer",
+           "cot_prompt", "generate_task", "main", "options_block", "resolve_kinds", "sample_question"]
 
 TSV_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category",
                "l2-category", "image", "split"]
@@ -80,11 +82,11 @@ def _check_side(name: str, value: object) -> int:
 
 def _generate_split(
     split: str, count: int, seed: int, width: int, height: int, seen: set[tuple[str, str]],
-    fixed_options: bool = False,
+    fixed_options: bool = False, kind_list: tuple[str, ...] = KINDS,
 ) -> list[tuple[dict, bytes]]:
     """``count`` (record, png) pairs; kinds balanced to within one, order shuffled by the seed."""
     rng = random.Random(f"synthetic:{seed}:{split}")
-    kinds = [KINDS[i % len(KINDS)] for i in range(count)]
+    kinds = [kind_list[i % len(kind_list)] for i in range(count)]
     rng.shuffle(kinds)
     out = []
     for i, kind in enumerate(kinds):
@@ -100,6 +102,25 @@ def _generate_split(
         ordered = {"id": record_id, "image": f"images/{record_id}.png", **record}
         out.append((ordered, png))
     return out
+
+
+def resolve_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Question kinds from a set name of ``KIND_SETS`` ("mixed", "grid"), a comma-separated list or a
+    sequence of kind names (sets may be mixed in: "grid,color"); duplicates are dropped, order kept."""
+    items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
+    out: list[str] = []
+    for item in items:
+        name = item.strip() if isinstance(item, str) else item
+        if name in KIND_SETS:
+            out.extend(KIND_SETS[name])
+        elif name in ALL_KINDS:
+            out.append(name)
+        else:
+            raise ValueError(f"unknown question kind {name!r}: use a set ({', '.join(KIND_SETS)}) "
+                             f"or kinds from {', '.join(ALL_KINDS)}")
+    if not out:
+        raise ValueError("kinds is empty: name at least one question kind or kind set")
+    return tuple(dict.fromkeys(out))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -168,6 +189,7 @@ def generate_task(
     height: int | None = None,
     fixed_options: bool = False,
     scene_description: bool = True,
+    kinds: str | tuple[str, ...] = "mixed",
 ) -> dict:
     """Generate the synthetic task under ``out_dir`` (created; existing files are overwritten).
 
@@ -183,6 +205,9 @@ def generate_task(
             learn to look a colour or side up in a shuffled option list within its CPU budget.
         scene_description: False: the SFT answers' reasoning about shapes scenes leaves out the
             opening description of every object and names only the queried ones (``cot_answer``).
+        kinds: question kinds, balanced within each split (``resolve_kinds``): "mixed" (default:
+            shapes, charts and digits), "grid" (counting squares on a grid, ``synthetic_grid``), or
+            a comma-separated list of kinds and sets.
     Returns:
         ``{"out_dir", "manifest", "questions": {split: path}, "sft_meta", "sft_annotation",
         "test_tsv", "test_jsonl", "counts": {split: n}, "num_images"}`` (paths are absolute).
@@ -192,6 +217,7 @@ def generate_task(
     for name, flag in (("fixed_options", fixed_options), ("scene_description", scene_description)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
+    kind_list = resolve_kinds(kinds)
     counts = {
         "train": _check_count("num_train", num_train),
         "build": _check_count("num_pairs_questions", num_pairs_questions),
@@ -206,7 +232,8 @@ def generate_task(
         path.mkdir(parents=True, exist_ok=True)
 
     seen: set[tuple[str, str]] = set()
-    splits = {s: _generate_split(s, counts[s], seed, width, height, seen, fixed_options) for s in SPLITS}
+    splits = {s: _generate_split(s, counts[s], seed, width, height, seen, fixed_options, kind_list)
+              for s in SPLITS}
     written = set()
     for split, pairs in splits.items():
         for record, png in pairs:
@@ -230,14 +257,14 @@ def generate_task(
     _write_tsv(test_tsv, splits["test"])
     _write_jsonl(test_jsonl, _benchmark_rows([r for r, _ in splits["test"]]))
 
-    kinds = {s: {k: sum(r["kind"] == k for r, _ in pairs) for k in KINDS}
-             for s, pairs in splits.items()}
+    per_kind = {s: {k: sum(r["kind"] == k for r, _ in pairs) for k in kind_list}
+                for s, pairs in splits.items()}
     manifest = root / "manifest.json"
     _write_json(manifest, {
         "generator": "data_pipeline.synthetic", "format_version": 1, "seed": seed,
         "image_width": width, "image_height": height, "fixed_options": fixed_options,
         "scene_description": scene_description,
-        "counts": counts, "kinds": kinds,
+        "counts": counts, "kinds": per_kind,
         "files": {"questions": {s: f"questions/{s}.jsonl" for s in SPLITS},
                   "sft_meta": "sft/meta.json", "test_tsv": "test/SYNTHETIC.tsv",
                   "test_jsonl": "test/synthetic.jsonl"},
@@ -295,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="canonical option order (red, green, blue, yellow; left, right; ...) instead of shuffled")
     parser.add_argument("--no-scene-description", dest="scene_description", action="store_false",
                         help="SFT reasoning names only the queried objects, without first describing every object")
+    parser.add_argument("--kinds", default="mixed",
+                        help="question kinds: a set (mixed, grid) or a comma-separated list of kinds and sets")
     args = parser.parse_args(argv)
     try:
         result = generate_task(
@@ -302,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             num_pairs_questions=args.num_build, num_test=args.num_test,
             image_size=args.image_size, width=args.width, height=args.height,
             fixed_options=args.fixed_options, scene_description=args.scene_description,
+            kinds=args.kinds,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+from data_pipeline.synthetic_grid import GRID_KINDS, GRID_MATCH_MODES, GRID_SAMPLERS, grid_reasoning
 from data_pipeline.synthetic_render import (
     CHART_MAX_VALUE,
     COLORS,
@@ -31,7 +32,7 @@ from data_pipeline.synthetic_render import (
     unique_max,
 )
 
-__all__ = ["COT_PROMPT", "KINDS", "LETTERS", "MATCH_MODES", "answer_from_scene", "bare_question",
+__all__ = ["ALL_KINDS", "COT_PROMPT", "GRID_KINDS", "KIND_SETS", "KINDS", "LETTERS", "MATCH_MODES", "answer_from_scene", "bare_question",
            "cot_answer", "cot_prompt", "options_block", "sample_question"]
 
 # REFERENCE.md section 4, step 2: the MMPR chain-of-thought instruction.
@@ -43,7 +44,11 @@ KINDS = ("count", "color", "exist", "arithmetic", "position", "shape", "chart_ta
          "chart_value", "digit")
 MATCH_MODES = {"count": "number", "color": "choice", "exist": "yesno", "arithmetic": "number",
                "position": "choice", "shape": "exact", "chart_tallest": "choice",
-               "chart_value": "number", "digit": "number"}
+               "chart_value": "number", "digit": "number", **GRID_MATCH_MODES}
+ALL_KINDS = KINDS + GRID_KINDS
+# Named kind sets for generate_task(kinds=...): "mixed" is the default task, "grid" the counting task
+# whose amounts of colour a from-scratch model can read (data_pipeline.synthetic_grid).
+KIND_SETS = {"mixed": KINDS, "grid": GRID_KINDS}
 LETTERS = "ABCD"
 COLOR_ORDER = tuple(COLORS)  # red, green, blue, yellow: the order descriptions list groups in
 MAX_OBJECTS = 8
@@ -185,6 +190,7 @@ _SAMPLERS = {
     "chart_tallest": lambda rng, w, h: _sample_chart(rng, w, h, tallest=True),
     "chart_value": lambda rng, w, h: _sample_chart(rng, w, h, tallest=False),
     "digit": _sample_digit,
+    **GRID_SAMPLERS,
 }
 
 
@@ -205,7 +211,7 @@ def sample_question(rng: random.Random, kind: str, width: int, height: int, *,
     are the same either way: the same seed gives the same scenes and questions, only the order differs.
     """
     if kind not in _SAMPLERS:
-        raise ValueError(f"unknown question kind {kind!r}: choose one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown question kind {kind!r}: choose one of {', '.join(ALL_KINDS)}")
     while True:  # a crowded random layout can fail to fit: draw a new scene
         scene, query, text, options = _SAMPLERS[kind](rng, width, height)
         if scene is not None:
@@ -291,6 +297,8 @@ def _reasoning(scene: dict, query: dict, options: list[str] | None, answer: str,
     of shapes scenes, so the reasoning names only the objects the question is about.
     """
     op = query["op"]
+    if scene.get("layout") == "grid":
+        return grid_reasoning(scene, query, answer)
     if op == "digit":
         names = [SEGMENT_NAMES[s] for s in DIGIT_SEGMENTS[scene["digit"]]]
         return (f"I see one large {scene['color']} digit made of straight segments. The lit segments "

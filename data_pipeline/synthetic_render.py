@@ -282,12 +282,17 @@ def _misperceive_objects(rng: random.Random, scene: dict, filters: list[dict]) -
     objects = scene["objects"]
     relevant = [o for o in objects if any(matches(o, f) for f in filters)]
     obj = rng.choice(relevant if relevant and rng.random() < 0.6 else objects)
-    mistake = rng.choice(("miss", "extra", "color", "shape", "side", "size"))
+    # Grid scenes (synthetic_grid) are read as counts of squares by colour: only those can be misread.
+    grid = scene.get("layout") == "grid"
+    mistake = rng.choice(("miss", "extra", "color") if grid else ("miss", "extra", "color", "shape", "side", "size"))
     if mistake == "miss" and len(objects) > 1:
         objects.remove(obj)
     elif mistake == "extra":
         wanted = rng.choice(filters) if filters and rng.random() < 0.7 else {"color": None, "shape": None}
-        objects.append({**fill_filter(rng, wanted), "cx": rng.randrange(scene["width"]),
+        extra = fill_filter(rng, wanted)
+        if grid:
+            extra["shape"] = "square"
+        objects.append({**extra, "cx": rng.randrange(scene["width"]),
                         "cy": rng.randrange(scene["height"]), "r": obj["r"]})
     elif mistake == "color":
         obj["color"] = rng.choice([c for c in COLORS if c != obj["color"]])

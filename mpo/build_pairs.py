@@ -61,6 +61,8 @@ class BuildConfig:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     max_dynamic_patch: int = 6  # tile budget per question (split across its images)
+    questions_per_call: int = 16  # ground-truth questions sampled together (same samples as one at a time)
+    max_batch_rows: int = 64  # most samples the engine decodes at once (KV cache memory grows with it)
     prompt_style: str = "final_answer"  # final_answer | boxed
     match_modes: dict[str, str] = field(default_factory=dict)  # source -> matching mode (records may override)
     source_max_dynamic_patch: dict[str, int] = field(default_factory=dict)  # source -> tile budget
@@ -90,6 +92,8 @@ class BuildConfig:
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
             (self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1"),
             (self.max_dynamic_patch >= 1, f"max_dynamic_patch={self.max_dynamic_patch} must be >= 1"),
+            (self.questions_per_call >= 1, f"questions_per_call={self.questions_per_call} must be >= 1"),
+            (self.max_batch_rows >= 1, f"max_batch_rows={self.max_batch_rows} must be >= 1"),
             (all(v >= 1 for v in self.source_max_dynamic_patch.values()),
              "source_max_dynamic_patch values must be >= 1"),
             (all(v >= 1 for v in self.source_pairs_per_question.values()),

@@ -202,11 +202,13 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
     stages.timed("task", lambda: generate_task(task, seed=seed, num_train=settings.num_train,
                                                num_pairs_questions=settings.num_build, num_test=settings.num_test,
                                                image_size=settings.image_size, fixed_options=settings.fixed_options,
-                                               scene_description=settings.scene_description),
+                                               scene_description=settings.scene_description,
+                                               kinds=settings.kinds),
                  ["python", "-m", "data_pipeline.synthetic", str(task), "--seed", str(seed), "--num-train",
                   str(settings.num_train), "--num-build", str(settings.num_build), "--num-test", str(settings.num_test),
                   "--image-size", str(settings.image_size)] + (["--fixed-options"] if settings.fixed_options else [])
-                 + ([] if settings.scene_description else ["--no-scene-description"]))
+                 + ([] if settings.scene_description else ["--no-scene-description"])
+                 + ["--kinds", settings.kinds])
     log(f"[demo] model: random InternVL of shape {settings.shape!r}")
     stages.timed("model", lambda: write_tiny_checkpoint(model, seed=seed, shape=settings.shape,
                                                         image_size=settings.image_size),
@@ -214,7 +216,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
                   "--image-size", str(settings.image_size)])
 
     stages.run("sft", _trainer("demo_sft", out / "sft", model, task / "sft", seed, device, settings.sft_steps,
-                                  settings.sft_overrides))
+                               settings.sft_overrides))
 
     # The synthetic data has no system turn (configs/data/synthetic.yaml), so sampling, calibration and
     # evaluation leave it out too ("system_prompt=" is an empty string): same prompts as in training.
@@ -225,7 +227,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
         f"pairs_per_question={settings.pairs_per_question}", f"temperature={settings.temperature}", "top_k=0",
         f"max_new_tokens={settings.max_new_tokens}", "max_dynamic_patch=1",
         f"dropout_ntp.share={settings.dropout_ntp_share}", f"seed={seed}", f"device={device}",
-        "system_prompt=", "progress=false",
+        "system_prompt=", "progress=false", f"max_batch_rows={settings.decode_rows}",
+        f"questions_per_call={max(1, settings.decode_rows // settings.samples_per_question)}",
     ])
     num_pairs = _count_pairs(pairs)
     if num_pairs == 0:
@@ -250,8 +253,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
         sys.executable, "-m", "mpo.evaluate", f"model={model_map}",
         f"benchmarks=[{_hydra_str('custom:' + str(_benchmark_with_kinds(task)))}]",
         f"output_dir={_hydra_str(out / 'eval')}", "cot=true", f"max_new_tokens={settings.max_new_tokens}",
-        f"batch_size={settings.eval_batch_size}", "max_tiles=1", "system_prompt=", f"device={device}",
-        "progress=false",
+        f"batch_size={settings.eval_batch_size}", f"max_batch_rows={settings.decode_rows}", "max_tiles=1",
+        "system_prompt=", f"device={device}", "progress=false",
     ])
 
     stages.timings["total"] = round(time.perf_counter() - start, 2)

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, fields, replace
 class DemoSettings:
     """What one demo run does. Counts are questions (one image each); lengths are tokens."""
 
-    num_train: int = 3000  # SFT questions (each with a correct chain-of-thought answer)
-    num_build: int = 1000  # questions the SFT model answers to build preference pairs
+    num_train: int = 1000  # SFT questions (each with a correct chain-of-thought answer)
+    num_build: int = 3000  # questions the SFT model answers to build preference pairs (new images: see docs)
     num_test: int = 500  # held-out questions every stage is evaluated on
     image_size: int = 224  # synthetic image side = the model's tile side (1 tile, 64 image tokens)
     fixed_options: bool = True  # choice options in one canonical order: the letter follows from the answer
     scene_description: bool = True  # SFT reasoning opens with every object of the scene (generate_task(...))
+    kinds: str = "grid"  # question kinds: "grid", "mixed" or a comma list (data_pipeline.synthetic.resolve_kinds)
     shape: str = "demo"  # mpo.model.shapes.SHAPES entry of the starting model
     sft_steps: int | None = None  # None: demo_sft.yaml's max_steps
     mpo_steps: int | None = None  # None: demo_mpo.yaml's max_steps
@@ -31,14 +32,15 @@ class DemoSettings:
     max_new_tokens: int = 128  # per sampled or evaluated answer (the templated answers are < 100)
     dropout_ntp_share: float = 0.2  # share of build questions whose answer is withheld (Dropout-NTP)
     awq_calibration_samples: int = 64  # chosen answers (with images) the AWQ scales are fitted on
-    eval_batch_size: int = 32  # requests per generate call during evaluation
+    eval_batch_size: int = 128  # requests per generate call during evaluation
+    decode_rows: int = 256  # answers the engine decodes at once (pair building and evaluation)
     sft_overrides: tuple[str, ...] = ()  # extra Hydra overrides for the SFT trainer run, e.g. "optim.lr=1e-3"
     mpo_overrides: tuple[str, ...] = ()  # extra Hydra overrides for the MPO trainer run, e.g. "loss.beta=0.3"
 
     def __post_init__(self):
         problems = []
         for name in ("num_train", "num_build", "num_test", "samples_per_question", "pairs_per_question",
-                     "max_new_tokens", "awq_calibration_samples", "eval_batch_size"):
+                     "max_new_tokens", "awq_calibration_samples", "eval_batch_size", "decode_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
@@ -53,6 +55,12 @@ class DemoSettings:
         for name in ("fixed_options", "scene_description"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
+        from data_pipeline.synthetic import resolve_kinds
+
+        try:
+            resolve_kinds(self.kinds)
+        except ValueError as exc:
+            problems.append(f"kinds={self.kinds!r}: {exc}")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0: greedy samples are all identical")
         for name in ("sft_overrides", "mpo_overrides"):

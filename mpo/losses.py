@@ -45,6 +45,7 @@ __all__ = [
     "RewardShift",
     "bco_pair_loss",
     "dpo_loss",
+    "generation_only_loss",
     "mpo_loss",
     "reward_stats",
     "sft_loss",
@@ -438,6 +439,33 @@ class MPOLossConfig:
             raise ValueError("invalid MPOLossConfig: " + "; ".join(problems))
 
 
+def _generation_term(chosen_logps: torch.Tensor, chosen_num_tokens: torch.Tensor, config: "MPOLossConfig"):
+    if config.sft_mode == "sequence":
+        return sft_loss(chosen_logps, chosen_num_tokens).mean()
+    return sft_loss_token_mean(chosen_logps, chosen_num_tokens)
+
+
+def generation_only_loss(
+    policy_chosen_logps: torch.Tensor, chosen_num_tokens: torch.Tensor, config: "MPOLossConfig"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`mpo_loss` when ``dpo_weight == bco_weight == 0``, from the chosen log-probs alone.
+
+    The preference and quality terms then weigh nothing, so neither rejected responses nor reference
+    log-probs are needed (the trainer's SFT-only path skips both). Equal to `mpo_loss`'s loss for such a
+    config; metrics: loss, loss_sft, logps_chosen.
+    """
+    if not isinstance(config, MPOLossConfig):
+        raise ValueError(f"config must be an MPOLossConfig, got {type(config).__name__}")
+    if config.dpo_weight != 0 or config.bco_weight != 0:
+        raise ValueError(f"generation_only_loss needs dpo_weight = bco_weight = 0, got {config.dpo_weight} and "
+                         f"{config.bco_weight}: use mpo_loss")
+    loss_sft = _generation_term(policy_chosen_logps, chosen_num_tokens, config)
+    loss = config.sft_weight * loss_sft
+    metrics = {"loss": loss.detach(), "loss_sft": loss_sft.detach(),
+               "logps_chosen": _at_least_fp32(policy_chosen_logps).detach().mean()}
+    return loss, metrics
+
+
 def mpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -482,10 +510,7 @@ def mpo_loss(
         config.beta,
         delta,
     ).mean()
-    if config.sft_mode == "sequence":
-        loss_sft = sft_loss(policy_chosen_logps, chosen_num_tokens).mean()
-    else:
-        loss_sft = sft_loss_token_mean(policy_chosen_logps, chosen_num_tokens)
+    loss_sft = _generation_term(policy_chosen_logps, chosen_num_tokens, config)
     loss = config.dpo_weight * loss_dpo + config.bco_weight * loss_bco + config.sft_weight * loss_sft
 
     with torch.no_grad():

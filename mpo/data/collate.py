@@ -3,6 +3,7 @@
 Layout ("paired", the peers' layout with images encoded once): rows 0..B-1 are prompt+chosen,
 rows B..2B-1 are prompt+rejected, right-padded with the tokenizer's pad id. Each pair's tiles appear
 once in `pixel_values`; the policy encodes them once and places the features in both rows.
+`chosen_only()` drops the rejected rows (the trainer's SFT-only path, which needs no rejected response).
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ class PreferenceBatch:
     indices: torch.Tensor  # [B] dataset indices (keys of cached reference log-probs)
     ref_chosen_logps: torch.Tensor | None = None  # [B] fp32, when cached
     ref_rejected_logps: torch.Tensor | None = None
+    paired: bool = True  # False: rows are prompt+chosen only (`chosen_only`)
+
+    def chosen_only(self) -> "PreferenceBatch":
+        """The chosen rows alone ([B, T'], T' = their longest row), same tiles; `paired` False."""
+        if not self.paired:
+            return self
+        b = self.num_pairs
+        width = max(1, int(self.attention_mask[:b].sum(dim=1).max()))
+        return PreferenceBatch(
+            input_ids=self.input_ids[:b, :width], attention_mask=self.attention_mask[:b, :width],
+            labels=self.labels[:b, :width], pixel_values=self.pixel_values, num_tiles=self.num_tiles,
+            indices=self.indices, ref_chosen_logps=self.ref_chosen_logps, ref_rejected_logps=None, paired=False,
+        )
 
     @property
     def num_pairs(self) -> int:
@@ -32,7 +46,7 @@ class PreferenceBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Real (non-pad) tokens in the batch, both responses and both prompts."""
+        """Real (non-pad) tokens in the batch: both responses and both prompts (chosen only when unpaired)."""
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PreferenceBatch":

@@ -69,6 +69,7 @@ class EvalConfig:
     cot: bool = False  # MPO chain-of-thought prompt; answers parsed after "Final answer:"
     max_new_tokens: int | None = None  # None = 1024 with cot, 64 without
     batch_size: int = 8  # requests per Engine.generate call (also how often predictions are flushed)
+    max_batch_rows: int = 64  # most answers the engine decodes at once (KV cache memory grows with it)
     limit: int | None = None  # first N items of each benchmark (smoke runs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str | None = None  # None = engine default (bf16 on GPU, fp32 on CPU)
@@ -112,6 +113,8 @@ class EvalConfig:
                 problems.append(f"{key}={value} must be >= 1 (or null for the default)")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if self.max_batch_rows < 1:
+            problems.append(f"max_batch_rows={self.max_batch_rows} must be >= 1")
         if not _DEVICE_RE.fullmatch(self.device):
             problems.append(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -295,7 +298,8 @@ def generate_predictions(engine, spec: BenchmarkSpec, items: list[Item], path: P
 def _load_engine(path: Path, cfg: EvalConfig):
     from mpo.infer.engine import Engine
 
-    return Engine.load(path, device=cfg.device, dtype=cfg.dtype, system_prompt=resolve_system_prompt(cfg.system_prompt))
+    return Engine.load(path, device=cfg.device, dtype=cfg.dtype, system_prompt=resolve_system_prompt(cfg.system_prompt),
+                       max_batch_rows=cfg.max_batch_rows)
 
 
 def _free_memory() -> None:

@@ -18,7 +18,9 @@ Two backends behind the same `Engine.generate` (`Engine.load(..., backend=...)`)
 
 Sampling (temperature, top-k, top-p) is seeded: the fast backend draws sample j of request i from
 a random stream keyed by (seed, i, j), so results do not depend on batching; the hf backend seeds
-torch's global generator once per call. Log-probs are those of each chosen token under the
+torch's global generator once per call. A `Request.seed` replaces (seed, i) by (its seed, 0): the
+request then gets the samples it would get alone in a call seeded with it, whichever requests it is
+batched with (the hf backend reseeds before it). Log-probs are those of each chosen token under the
 distribution it was drawn from (softmax of logits / T, top-k / top-p filtered and renormalised;
 greedy: the model's own softmax), i.e. the model's log-probs at temperature 1 without filters.
 """
@@ -74,6 +76,9 @@ class Request:
     images: list = field(default_factory=list)  # paths or PIL images
     assistant_prefix: str = ""
     max_dynamic_patch: int = 6
+    # Own sampling seed: this request's samples are then those it would get alone in a call with
+    # SamplingParams.seed = seed, whichever requests share the call (the pair builder batches questions).
+    seed: int | None = None
 
 
 @dataclass
@@ -88,6 +93,7 @@ class Generation:
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
+    seed: int | None = None  # Request.seed
 
 
 BACKENDS = ("fast", "hf")
@@ -128,9 +134,11 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str | None = None,
-             system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT, backend: str = "fast") -> "Engine":
+             system_prompt: str | None = INTERNVL25_SYSTEM_PROMPT, backend: str = "fast",
+             max_batch_rows: int = 64) -> "Engine":
         """Load a native or AWQ InternVL checkpoint. dtype defaults to bf16 on GPU, fp32 on CPU;
-        backend is "fast" (default) or "hf" (the `transformers` generate twin)."""
+        backend is "fast" (default) or "hf" (the `transformers` generate twin); max_batch_rows: the
+        fast backend's most samples decoded at once (KV cache memory grows with it)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         if device == "auto":
@@ -150,7 +158,7 @@ class Engine:
         else:
             model = load_model(model_dir, dtype=torch_dtype, device=device)
         return cls(model, load_processor(model_dir), device=torch.device(device), system_prompt=system_prompt,
-                   backend=backend)
+                   backend=backend, max_batch_rows=max_batch_rows)
 
     def encode(self, request: Request) -> EncodedPrompt:
         """Token ids of the prompt (+ assistant prefix) and the tiles of its images."""
@@ -169,7 +177,7 @@ class Engine:
         ids = self.template.prompt_ids(question, tiles_per_image)
         if request.assistant_prefix:
             ids += self.template._text_ids(request.assistant_prefix)
-        return EncodedPrompt(ids, torch.cat(pixels) if pixels else None)
+        return EncodedPrompt(ids, torch.cat(pixels) if pixels else None, request.seed)
 
     @torch.no_grad()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Generation]]:
@@ -180,7 +188,12 @@ class Engine:
         """
         if self.generator is None:
             torch.manual_seed(params.seed)
-            return [self._generate_hf(self.encode(r), params) for r in requests]
+            out = []
+            for r in requests:
+                if r.seed is not None:  # as if alone in a call seeded with it
+                    torch.manual_seed(r.seed)
+                out.append(self._generate_hf(self.encode(r), params))
+            return out
         prompts = [self.encode(r) for r in requests]
         raw = self.generator.generate(prompts, params)
         return [[self._to_generation(g.token_ids, g.logprobs, g.finished) for g in samples] for samples in raw]

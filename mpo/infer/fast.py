@@ -143,7 +143,7 @@ class FastGenerator:
 
         Args:
             prompts: objects with `input_ids` (list of int, the full prompt) and `pixel_values`
-                ([tiles, 3, side, side] or None).
+                ([tiles, 3, side, side] or None), optionally `seed` (int or None: its own sampling seed).
             params: `SamplingParams` (max_new_tokens, temperature, top_k, top_p, num_samples, seed).
         """
         if not prompts:
@@ -183,7 +183,11 @@ class FastGenerator:
                 take = min(len(free), num_samples - next_sample)
                 rows, free = free[:take], free[take:]
                 samples = range(next_sample, next_sample + take)
-                batch.start_rows(rows, open_prefix, [stream_seed(params.seed, open_index, j) for j in samples], spec)
+                # A prompt with its own seed draws as request 0 of a call seeded with it.
+                own = getattr(prompts[open_index], "seed", None)
+                streams = [stream_seed(params.seed, open_index, j) if own is None else stream_seed(own, 0, j)
+                           for j in samples]
+                batch.start_rows(rows, open_prefix, streams, spec)
                 for r, j in zip(rows, samples):
                     owner[r] = (open_index, j, open_prefix.length)
                 next_sample += take

@@ -28,7 +28,7 @@ from mpo.config import TrainConfig
 from mpo.data.dataset import DataConfig, MMPRDataset
 from mpo.data.rejects import RejectLog
 from mpo.data.template import ChatTemplate
-from mpo.losses import MPOLossConfig, RewardShift, mpo_loss, reward_stats
+from mpo.losses import MPOLossConfig, RewardShift, generation_only_loss, mpo_loss, reward_stats
 from mpo.model.load import load_model, load_processor, resolve_dtype
 from mpo.model.tokenizer import INTERNVL25_SYSTEM_PROMPT
 from mpo.train import checkpoint as ckpt
@@ -37,7 +37,7 @@ from mpo.train.assets import ensure_assets
 from mpo.train.data import PairBatches, rejects_path
 from mpo.train.engine import build_engine, init_distributed, prepare_model, reference_engine
 from mpo.train.metrics import MetricAccumulator, MetricsWriter, Throughput, guess_peak_tflops, peak_memory_gib, plot_curves, truncate_metrics
-from mpo.train.policy import batch_logps
+from mpo.train.policy import batch_logps, chosen_logps
 from mpo.train.reference import CachedReference, FrozenReference, LoraReference, cache_fingerprint, compute_reference_table, load_or_compute_cache
 
 
@@ -145,9 +145,16 @@ def _train(cfg: TrainConfig, stop_flag: preempt.PreemptionFlag) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
 
     model = prepare_model(model, cfg)
-    reference = None if cfg.reference.strategy == "lora" else build_reference(cfg, model, dataset, env, dtype, run_dir)
+    # SFT only (dpo_weight = bco_weight = 0): the loss needs neither the rejected responses nor the
+    # reference, so both are skipped (a third of the forward work; mpo_loss's own SFT term is the twin).
+    sft_only = cfg.loss.dpo_weight == 0 and cfg.loss.bco_weight == 0
+    if sft_only and env.rank == 0:
+        print("[mpo] SFT only (dpo_weight = bco_weight = 0): no reference model, chosen responses only", flush=True)
+    reference = None
+    if not sft_only and cfg.reference.strategy != "lora":
+        reference = build_reference(cfg, model, dataset, env, dtype, run_dir)
     engine = build_engine(model, cfg, total_steps, env)
-    if reference is None:
+    if not sft_only and reference is None:
         reference = build_reference(cfg, engine.module.model, dataset, env, dtype, run_dir)
 
     shift, step, position = RewardShift(), 0, 0
@@ -179,7 +186,16 @@ def _train(cfg: TrainConfig, stop_flag: preempt.PreemptionFlag) -> dict:
     stopped_early = preempted = False
     while step < total_steps:
         for _ in range(accumulation):
-            batch = batches.next().to(env.device, dtype)
+            batch = batches.next()
+            if sft_only:
+                batch = batch.chosen_only().to(env.device, dtype)
+                chosen, chosen_tokens = chosen_logps(engine, batch, chunk_size=cfg.loss.logps_chunk_size)
+                loss, metrics = generation_only_loss(chosen, chosen_tokens, loss_cfg)
+                engine.backward(loss)
+                engine.step()
+                acc.add(metrics, num_pairs=batch.num_pairs, num_tokens=batch.num_tokens)
+                continue
+            batch = batch.to(env.device, dtype)
             chosen, rejected, chosen_tokens, _ = batch_logps(engine, batch, chunk_size=cfg.loss.logps_chunk_size)
             ref_chosen, ref_rejected = reference.logps(batch)
             # δ folds in this batch's rewards summed over all ranks (one all-reduce of two numbers)

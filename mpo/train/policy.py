@@ -51,8 +51,9 @@ def image_features(internvl: nn.Module, pixel_values: torch.Tensor) -> torch.Ten
 
 
 def _sequence_logps(internvl: nn.Module, input_ids, attention_mask, labels, pixel_values, chunk_size: int,
-                    always_run_vision: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and token counts of every row ([2B] each)."""
+                    always_run_vision: bool, paired: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of every row ([2B] each; [B] when not `paired`)."""
+    copies = 2 if paired else 1
     inner = internvl.model
     inputs_embeds = inner.get_input_embeddings()(input_ids)
     image_token_id = internvl.config.image_token_id
@@ -60,9 +61,9 @@ def _sequence_logps(internvl: nn.Module, input_ids, attention_mask, labels, pixe
         feats = image_features(internvl, pixel_values).to(inputs_embeds.dtype)
         mask = (input_ids == image_token_id).unsqueeze(-1)
         expected = int(mask.sum())
-        if expected != 2 * feats.shape[0]:
-            raise ValueError(f"image tokens in batch ({expected}) != 2 x image features ({feats.shape[0]})")
-        inputs_embeds = inputs_embeds.masked_scatter(mask, torch.cat([feats, feats]))
+        if expected != copies * feats.shape[0]:
+            raise ValueError(f"image tokens in batch ({expected}) != {copies} x image features ({feats.shape[0]})")
+        inputs_embeds = inputs_embeds.masked_scatter(mask, torch.cat([feats] * copies))
     elif always_run_vision:
         size = internvl.config.vision_config.image_size
         dummy = torch.zeros(1, 3, size[0], size[1], device=inputs_embeds.device, dtype=inputs_embeds.dtype)
@@ -93,9 +94,9 @@ class PreferenceLogps(nn.Module):
         self.model = model  # InternVLForConditionalGeneration, or a PEFT model around one
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, chunk_size: int = 256,
-                always_run_vision: bool = True):
+                always_run_vision: bool = True, paired: bool = True):
         return _sequence_logps(unwrap_internvl(self.model), input_ids, attention_mask, labels, pixel_values,
-                               chunk_size, always_run_vision)
+                               chunk_size, always_run_vision, paired)
 
 
 def batch_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 256,
@@ -107,10 +108,25 @@ def batch_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 2
     dummy tile when the batch has no image, adding zero: under ZeRO-3 every rank must run the same
     modules (their parameters are gathered collectively).
     """
-    args = (batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values)
-    if isinstance(model, PreferenceLogps) or isinstance(getattr(model, "module", None), PreferenceLogps):
-        logps, num_tokens = model(*args, chunk_size=chunk_size, always_run_vision=always_run_vision)
-    else:
-        logps, num_tokens = _sequence_logps(unwrap_internvl(model), *args, chunk_size, always_run_vision)
+    if not batch.paired:
+        raise ValueError("batch_logps needs a paired batch (chosen and rejected rows); use chosen_logps")
+    logps, num_tokens = _row_logps(model, batch, chunk_size, always_run_vision)
     b = batch.num_pairs
     return logps[:b], logps[b:], num_tokens[:b], num_tokens[b:]
+
+
+def chosen_logps(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = 256,
+                 always_run_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of the chosen responses only ([B] each): the SFT-only path.
+
+    Runs the model on `batch.chosen_only()` (half the rows of `batch_logps`); its results equal
+    `batch_logps`'s chosen half (tested).
+    """
+    return _row_logps(model, batch.chosen_only(), chunk_size, always_run_vision)
+
+
+def _row_logps(model, batch: PreferenceBatch, chunk_size: int, always_run_vision: bool):
+    args = (batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values)
+    if isinstance(model, PreferenceLogps) or isinstance(getattr(model, "module", None), PreferenceLogps):
+        return model(*args, chunk_size=chunk_size, always_run_vision=always_run_vision, paired=batch.paired)
+    return _sequence_logps(unwrap_internvl(model), *args, chunk_size, always_run_vision, batch.paired)

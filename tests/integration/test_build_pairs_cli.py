@@ -97,18 +97,28 @@ def test_end_to_end_writes_an_mmpr_dir_the_trainer_loads(inputs, full_run):
     assert summary["rejected"] == 0 and summary["accepted"] == len(dataset)
 
 
-def test_kill_and_resume_through_the_cli_matches_the_full_run(inputs, full_run):
+def in_process(inputs, out: Path, **overrides):
+    """build_pairs in this process with the same settings as SETTINGS (saves a process start)."""
     from data_pipeline.driver import build_pairs
     from mpo.build_pairs import BuildConfig, DropoutNTPSection
 
+    return build_pairs(BuildConfig(
+        model_dir=str(inputs["model"]), questions=str(inputs["questions"]), image_root=str(inputs["image_root"]),
+        output_dir=str(out), samples_per_question=2, max_new_tokens=8, max_dynamic_patch=1, temperature=1.0,
+        dropout_ntp=DropoutNTPSection(share=0.5), system_prompt="", progress=False, seed=3, device="cpu",
+        **overrides))
+
+
+def assert_same_files(out: Path, full: Path) -> None:
+    for path in full.iterdir():
+        if path.is_file() and path.name != "build_config.json":
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_kill_and_resume_through_the_cli_matches_the_full_run(inputs, full_run):
     full, _ = full_run
     out = inputs["root"] / "resumed"
-    # the interrupted first run, in-process (the same settings as SETTINGS) to save a process start
-    cfg = BuildConfig(model_dir=str(inputs["model"]), questions=str(inputs["questions"]),
-                      image_root=str(inputs["image_root"]), output_dir=str(out), samples_per_question=2,
-                      max_new_tokens=8, max_dynamic_patch=1, temperature=1.0, dropout_ntp=DropoutNTPSection(share=0.5),
-                      system_prompt="", progress=False, seed=3, device="cpu", stop_after_questions=2)
-    first = build_pairs(cfg)
+    first = in_process(inputs, out, stop_after_questions=2)  # the interrupted first run
     assert first.shard.stopped_early and first.merge is None and not (out / "meta.json").exists()
     shard = out / "shards" / "shard-00000-of-00001.jsonl"
     assert len(shard.read_text().splitlines()) == 2
@@ -119,9 +129,17 @@ def test_kill_and_resume_through_the_cli_matches_the_full_run(inputs, full_run):
     assert "2 already done" in second.stdout
     ids = [json.loads(line)["id"] for line in shard.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == inputs["num_questions"]
-    for path in full.iterdir():
-        if path.is_file() and path.name != "build_config.json":
-            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert_same_files(out, full)
+
+
+def test_one_question_per_call_gives_the_same_files(inputs, full_run):
+    """The real engine: questions sampled together (the default) equal questions sampled one at a time."""
+    full, _ = full_run
+    out = inputs["root"] / "one_per_call"
+    in_process(inputs, out, questions_per_call=1)
+    assert_same_files(out, full)
+    shard = "shards/shard-00000-of-00001.jsonl"
+    assert (out / shard).read_bytes() == (full / shard).read_bytes()
 
 
 def test_bad_settings_exit_with_a_message(inputs):

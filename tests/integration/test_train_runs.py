@@ -144,3 +144,22 @@ def test_lora_with_adapter_reference(env, tmp_path):
     assert torch.equal(merged["model.vision_tower.embeddings.cls_token"], start["model.vision_tower.embeddings.cls_token"])
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], start[q])
+
+
+def test_sft_only_run_skips_reference_and_rejected_and_resumes(env, tmp_path):
+    """loss=sft (dpo_weight = bco_weight = 0): no reference is built or cached, only SFT metrics, exact resume."""
+    full, resumed = tmp_path / "sft_full", tmp_path / "sft_resumed"
+    common = ["loss=sft", "reference=cached", "max_steps=6", "save_every=3"]
+    proc = train(env, full, *common)
+    assert "SFT only (dpo_weight = bco_weight = 0)" in proc.stdout
+    rows = metrics(full)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert {"loss", "loss_sft", "logps_chosen"} <= set(rows[0]) and "loss_dpo" not in rows[0]
+    assert all(r["loss"] == pytest.approx(r["loss_sft"]) for r in rows)
+    assert not list(tmp_path.glob("**/ref_logps-*.pt"))
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state(full / "final")[q], initial_weights(env)[q])
+    train(env, resumed, *common, "stop_after_steps=4")
+    train(env, resumed, *common)
+    for ra, rb in zip(rows, metrics(resumed)):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), ra["step"]

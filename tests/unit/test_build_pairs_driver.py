@@ -11,6 +11,7 @@ import pytest
 from conftest import write_image
 
 from data_pipeline.driver import build_pairs, question_seed, resolve_shard, shard_of, uses_dropout_ntp
+from data_pipeline.writer import shard_path
 from data_pipeline.sources import Question
 from mpo.build_pairs import BuildConfig, DropoutNTPSection, ShardSection
 from mpo.data.images import MediaError
@@ -57,18 +58,21 @@ class ScriptedEngine:
         if self.crash_after is not None and len(self.calls) >= self.crash_after:
             raise KeyboardInterrupt("simulated kill")
         self.calls.append((requests, params))
-        (request,) = requests  # the driver sends one question per call: seeds stay per question
-        if any("corrupt" in str(image) for image in request.images):
-            raise MediaError("corrupt_image", "cannot decode image")
+        if any("corrupt" in str(image) for request in requests for image in request.images):
+            raise MediaError("corrupt_image", "cannot decode image")  # encoding fails the whole call
+        return [self._answer(request, params) for request in requests]
+
+    def _answer(self, request, params):
         if request.assistant_prefix:
             texts = [" and then something unrelated happens."]
         else:
             pool = next((p for q, p in self.pools.items() if q in request.question), None)
             if pool is None:  # Dropout-NTP chosen answers
                 pool = [f"A calm scene with {n} shapes placed on a light background." for n in range(2, 9)]
-            offset = random.Random(params.seed).randrange(len(pool)) if self.seeded else 0
+            seed = params.seed if request.seed is None else request.seed
+            offset = random.Random(seed).randrange(len(pool)) if self.seeded else 0
             texts = [pool[(offset + i) % len(pool)] for i in range(params.num_samples)]
-        return [[Generation(t, list(range(len(t) // 4 + 1)), [-0.5] * (len(t) // 4 + 1), True) for t in texts]]
+        return [Generation(t, list(range(len(t) // 4 + 1)), [-0.5] * (len(t) // 4 + 1), True) for t in texts]
 
 
 def make_inputs(root: Path, rows=QUESTIONS) -> Path:
@@ -166,7 +170,9 @@ def test_ground_truth_and_dropout_branches(tmp_path):
     result = build_pairs(make_cfg(tmp_path), engine=engine)
     out = result.out_dir
     assert result.shard.num_done == 6 and result.merge is not None
-    assert len(engine.calls) == 3 + 2 + 1  # g1, g2, g3 (K samples in one call); n1 chosen + continuation; c1
+    # n1: chosen + continuation; g1, g2, g3 and c1 in one call (K samples each), which c1's corrupt image
+    # fails; then each alone, so only c1 is rejected.
+    assert [len(requests) for requests, _ in engine.calls] == [1, 1, 4, 1, 1, 1, 1]
 
     correctness = read_jsonl(out / "count_pairs_vqa_correctness_rules.jsonl")
     # g1: positives {0: "5"} x negatives {1: "7", 2: "15"}, minus the entailed ("5" in "15") pair
@@ -218,12 +224,30 @@ def test_ground_truth_and_dropout_branches(tmp_path):
     assert stats["total"]["pairs"] == {"pairs_vqa_correctness_rules": 1, "pairs_vqa_format_rules": 1,
                                        "prefix_pair_sr0.5_wo_image": 1}
 
-    # K samples per question in one request, seeded by (seed, id); images resolved under the root
+    # K samples per question, each request seeded by (seed, id); images resolved under the root
     gt_calls = [(reqs, p) for reqs, p in engine.calls if p.num_samples == 4]
-    assert len(gt_calls) == 4  # g1, g2, g3, c1
+    assert len(gt_calls) == 5  # g1, g2, g3, c1 together, then alone
     for reqs, params in gt_calls:
-        assert Path(reqs[0].images[0]).is_absolute() and reqs[0].max_dynamic_patch == 6
+        for req in reqs:
+            assert Path(req.images[0]).is_absolute() and req.max_dynamic_patch == 6
+            qid = next(q["id"] for q in QUESTIONS
+                       if q["question"].split("?")[0] in req.question and req.images[0].endswith(q["image"]))
+            assert req.seed == question_seed(0, qid)
         assert (params.temperature, params.top_k, params.max_new_tokens) == (1.0, 50, 16)
+
+
+def test_questions_sampled_together_equal_one_at_a_time(tmp_path):
+    rows = [q for q in QUESTIONS if q["id"] != "c1"]
+    make_inputs(tmp_path, rows)
+    engine = ScriptedEngine(seeded=True)
+    together = build_pairs(make_cfg(tmp_path, out="together"), engine=engine)
+    assert sorted(len(reqs) for reqs, p in engine.calls if p.num_samples == 4) == [3]  # g1, g2, g3 in one call
+    alone = build_pairs(make_cfg(tmp_path, out="alone", questions_per_call=1), engine=ScriptedEngine(seeded=True))
+    two = build_pairs(make_cfg(tmp_path, out="two", questions_per_call=2), engine=ScriptedEngine(seeded=True))
+    for result in (alone, two):
+        assert shard_path(result.out_dir, 0, 1).read_bytes() == shard_path(together.out_dir, 0, 1).read_bytes()
+    with pytest.raises(ValueError, match="questions_per_call=0 must be >= 1"):
+        make_cfg(tmp_path, questions_per_call=0)
 
 
 def test_pairs_per_question_and_per_source_overrides(tmp_path):

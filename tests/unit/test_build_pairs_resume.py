@@ -30,15 +30,15 @@ def test_resume_after_kill_skips_done_questions_and_matches_a_clean_run(tmp_path
     make_inputs(tmp_path)
     clean = build_pairs(make_cfg(tmp_path, out="clean"), engine=ScriptedEngine(seeded=True))
 
-    with pytest.raises(KeyboardInterrupt):  # killed during the 4th question
-        build_pairs(make_cfg(tmp_path), engine=ScriptedEngine(seeded=True, crash_after=3))
+    with pytest.raises(KeyboardInterrupt):  # killed during the 4th question (sampled one at a time)
+        build_pairs(make_cfg(tmp_path, questions_per_call=1), engine=ScriptedEngine(seeded=True, crash_after=3))
     path = shard_path(tmp_path / "out", 0, 1)
     assert len(shard_ids(path)) == 3 and not (tmp_path / "out" / "meta.json").exists()
     with path.open("ab") as fh:  # the kill also cut a line in half
         fh.write(b'{"id": "n2", "source": "capt')
 
     engine = ScriptedEngine(seeded=True)
-    resumed = build_pairs(make_cfg(tmp_path), engine=engine)
+    resumed = build_pairs(make_cfg(tmp_path), engine=engine)  # questions in one call now: same results
     assert resumed.shard.num_resumed == 3 and resumed.shard.num_done == 3
     ids = shard_ids(path)
     assert sorted(ids) == sorted(q["id"] for q in QUESTIONS if q["id"] != "bad")  # none missing

@@ -120,6 +120,24 @@ def test_results_do_not_depend_on_batching(engines, requests_):
     assert [[g.token_ids for g in s] for s in wide] == [[g.token_ids for g in s] for s in narrow]
 
 
+def test_request_seed_makes_samples_independent_of_call_mates(engines, requests_):
+    """A request with its own seed gets what it gets alone in a call seeded with it (both backends)."""
+    from dataclasses import replace
+
+    fast, hf = engines
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=3, seed=99)
+    own = [replace(r, seed=40 + i) for i, r in enumerate(requests_[:3])]
+    for engine in (fast, hf):
+        together = engine.generate(own, params)
+        for i, request in enumerate(requests_[:3]):
+            alone = engine.generate([request], replace(params, seed=40 + i))[0]
+            assert [g.token_ids for g in together[i]] == [g.token_ids for g in alone], (engine.backend, i)
+    # Mixed with unseeded requests (fast): those keep the (params.seed, index) streams.
+    mixed = fast.generate([requests_[0], own[1]], params)
+    assert [g.token_ids for g in mixed[0]] == [g.token_ids for g in fast.generate([requests_[0]], params)[0]]
+    assert [g.token_ids for g in mixed[1]] == [g.token_ids for g in fast.generate([requests_[1]], replace(params, seed=41))[0]]
+
+
 @pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=8),
                                     SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=2, seed=1)])
 def test_logprobs_equal_teacher_forced_forward_at_temperature_one(engines, requests_, params):

@@ -14,6 +14,7 @@ from mpo.losses import (
     RewardShift,
     bco_pair_loss,
     dpo_loss,
+    generation_only_loss,
     mpo_loss,
     reward_stats,
     sft_loss,
@@ -483,3 +484,29 @@ def test_other_bad_inputs_raise():
         dpo_loss(t(), t(), t(), t(), 0.1)
     with pytest.raises(ValueError, match="MPOLossConfig"):
         mpo_loss(x, x, x, x, torch.tensor([1, 1]), 0.0, {"beta": 0.1})
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_generation_only_loss_equals_mpo_loss_without_preference_terms(mode):
+    torch.manual_seed(0)
+    pc = (-torch.rand(6, dtype=torch.float64) * 30).requires_grad_()
+    counts = torch.tensor([3, 7, 1, 12, 5, 2])
+    config = MPOLossConfig(dpo_weight=0.0, bco_weight=0.0, sft_weight=0.7, sft_mode=mode)
+    # The full objective, with arbitrary rejected / reference log-probs that must not matter.
+    full, full_metrics = mpo_loss(pc, -torch.rand(6, dtype=torch.float64) * 30, -torch.rand(6) * 30,
+                                  -torch.rand(6) * 30, counts, 0.3, config)
+    (grad_full,) = torch.autograd.grad(full, pc)
+    fast, metrics = generation_only_loss(pc, counts, config)
+    (grad_fast,) = torch.autograd.grad(fast, pc)
+    assert fast.item() == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(grad_fast, grad_full)
+    assert set(metrics) == {"loss", "loss_sft", "logps_chosen"}
+    for key in metrics:
+        assert metrics[key].item() == pytest.approx(full_metrics[key].item(), rel=1e-12)
+
+
+def test_generation_only_loss_refuses_preference_weights():
+    with pytest.raises(ValueError, match="needs dpo_weight = bco_weight = 0"):
+        generation_only_loss(t(-1.0), torch.tensor([1]), MPOLossConfig())
+    with pytest.raises(ValueError, match="must be an MPOLossConfig"):
+        generation_only_loss(t(-1.0), torch.tensor([1]), {"sft_weight": 1.0})

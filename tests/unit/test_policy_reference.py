@@ -11,7 +11,7 @@ from mpo.data.dataset import DataConfig, MMPRDataset
 from mpo.data.template import ChatTemplate
 from mpo.model.load import load_model, load_processor
 from mpo.train.logps import naive_sequence_logps
-from mpo.train.policy import batch_logps, unwrap_internvl
+from mpo.train.policy import batch_logps, chosen_logps, unwrap_internvl
 from mpo.train.reference import CachedReference, FrozenReference, LoraReference, compute_reference_table
 
 
@@ -53,6 +53,33 @@ def test_batch_logps_match_full_hf_forward(setup):
     torch.testing.assert_close(torch.cat([chosen, rejected]), expect, rtol=1e-4, atol=1e-3)
     assert n_c.tolist() == [len(s.chosen_ids) for s in samples]
     assert n_r.tolist() == [len(s.rejected_ids) for s in samples]
+
+
+def test_chosen_only_path_matches_the_paired_one(setup):
+    """The SFT-only fast path (chosen rows only) against batch_logps's chosen half: values and gradients."""
+    model, dataset, template = setup
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))], template.pad_id)
+    single = batch.chosen_only()
+    assert not single.paired and single.input_ids.shape[0] == batch.num_pairs
+    assert single.input_ids.shape[1] == int(batch.attention_mask[: batch.num_pairs].sum(1).max())
+    assert single.chosen_only() is single and single.num_tokens == int(batch.attention_mask[:3].sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for run in (lambda: batch_logps(model, batch, chunk_size=5)[::2], lambda: chosen_logps(model, batch, chunk_size=5)):
+        model.zero_grad()
+        logps, tokens = run()
+        (-(logps / tokens).mean()).backward()
+        grads.append([p.grad.clone() for p in params])
+        values = (logps.detach(), tokens)
+        if len(grads) == 1:
+            expected = values
+    torch.testing.assert_close(values[0], expected[0], rtol=1e-5, atol=1e-4)
+    assert values[1].tolist() == expected[1].tolist()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.zero_grad()
+    with pytest.raises(ValueError, match="needs a paired batch"):
+        batch_logps(model, single)
 
 
 def test_three_reference_strategies_agree(setup, tiny_model_dir):
