@@ -1,14 +1,14 @@
-"""The pair builder's sampling loop: sharded, resumable, one question at a time through the engine.
+"""The pair builder's sampling loop: sharded, resumable, ``questions_per_call`` questions per engine call.
 
     from mpo.build_pairs import BuildConfig
     cfg = BuildConfig(model_dir="ckpt", questions="synth/questions/build.jsonl", image_root="synth",
                       output_dir="out", samples_per_question=32)
     build_pairs(cfg)            # sample this shard, then merge when it is the only one
 
-Every question is owned by one shard (stable hash of its id), sampled with a seed derived from
-(seed, id), and written as one line to its shard file as soon as it is done. Results therefore do
-not depend on sharding or on order, a killed run resumes where it stopped, and the merge of two
-shards equals a one-shard run. Ground-truth questions go through chain-of-thought sampling and
+Every question is owned by one shard (stable hash of its id), sampled with its own seed derived from
+(seed, id) whichever questions share its engine call, and written as one line to its shard file as
+soon as its call is done. Results therefore depend neither on sharding, order nor batching, a killed
+run resumes where it stopped, and the merge of two shards equals a one-shard run. Ground-truth questions go through chain-of-thought sampling and
 correctness/format pairing (REFERENCE.md §4); questions without an answer (and a seeded share of
 those with one, ``dropout_ntp.share``) go through Dropout-NTP.
 """
@@ -146,7 +146,7 @@ def _plain_prompt(question: Question) -> str:
 
 
 class _Sampler:
-    """Turns one question into its shard line (pairs, counts, hard-question record)."""
+    """Turns questions into their shard lines (pairs, counts, hard-question record)."""
 
     def __init__(self, cfg: BuildConfig, engine, image_root: Path, fingerprint: str):
         self.cfg, self.engine, self.image_root, self.fingerprint = cfg, engine, image_root, fingerprint
