@@ -53,6 +53,9 @@ class DataSection:
     video_frames: int = 8
     system_prompt: str = "default"  # "default" = InternVL2.5's; "" = no system turn; else the text
     num_workers: int = 2
+    # Keep every encoded sample in memory after its first use (tokens + fp32 tiles, ~0.6 MB per 224-px
+    # tile): for small datasets seen for many epochs, e.g. the demo's SFT (1000 samples, 24 epochs).
+    cache_samples: bool = False
     strict: bool = False  # raise at the first bad record instead of counting it
     # When path does not exist: generate the synthetic task there (tiny_cpu).
     create_synthetic_if_missing: bool = False

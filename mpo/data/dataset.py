@@ -121,19 +121,29 @@ class MMPRDataset(Dataset):
         config: tiling and length settings.
         rejects: where scan-time rejects are counted (a fresh in-memory log by default).
         seed: seed of repeat_time subsampling.
+        cache: keep each item (sample or reject) after it is first read and encoded, so later epochs
+            read no file; memory grows with the dataset (each process keeps its own copy).
     """
 
     def __init__(self, meta_path: str | Path, template: ChatTemplate, config: DataConfig | None = None, *,
-                 rejects: RejectLog | None = None, seed: int = 0):
+                 rejects: RejectLog | None = None, seed: int = 0, cache: bool = False):
         self.template = template
         self.config = config or DataConfig()
         scan = scan_mmpr(meta_path, rejects=rejects, seed=seed)
         self.sources, self.refs, self.scan_rejects, self.num_read = scan.sources, scan.refs, scan.rejects, scan.num_read
+        self._cache: dict[int, PreferenceSample | Rejected] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> PreferenceSample | Rejected:
+        if self._cache is None:
+            return self._encode(index)
+        if index not in self._cache:
+            self._cache[index] = self._encode(index)
+        return self._cache[index]
+
+    def _encode(self, index: int) -> PreferenceSample | Rejected:
         ref = self.refs[index]
         src = self.sources[ref.source_index]
         try:

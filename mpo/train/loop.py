@@ -57,7 +57,7 @@ def build_dataset(cfg: TrainConfig, processor, tokens_per_tile: int, tile_size: 
                           tile_size=tile_size, video_frames=d.video_frames)
     # every rank scans the same files; only rank 0 writes scan-time rejects
     scan_log = RejectLog(run_dir / "rejects_scan.jsonl" if rank == 0 else None, strict=d.strict)
-    dataset = MMPRDataset(d.path, template, data_cfg, rejects=scan_log, seed=cfg.seed)
+    dataset = MMPRDataset(d.path, template, data_cfg, rejects=scan_log, seed=cfg.seed, cache=d.cache_samples)
     scan_log.close()
     if len(dataset) == 0:
         raise ValueError(f"no usable record in {d.path}; run: python -m mpo.data.validate {d.path}")

@@ -136,3 +136,20 @@ def test_source_max_dynamic_patch_and_tiles(tmp_path, template):
 def test_data_config_validation():
     with pytest.raises(ValueError, match="max_length"):
         DataConfig(max_length=0, max_dynamic_patch=0)
+
+
+def test_cached_dataset_reads_each_item_once(tmp_path, template):
+    write_image(tmp_path / "a.png", (64, 64), (200, 10, 10))
+    write_mmpr(tmp_path, [{"image": "a.png", "question": "Colour?", "chosen": "Red.", "rejected": "Blue."},
+                          {"image": "gone.png", "question": "Colour?", "chosen": "Red.", "rejected": "Blue."}])
+    cached = MMPRDataset(tmp_path, template, cache=True)
+    plain = MMPRDataset(tmp_path, template)
+    first, missing = cached[0], cached[1]
+    assert isinstance(first, PreferenceSample) and isinstance(missing, Rejected)
+    reference = plain[0]
+    assert (first.prompt_ids, first.chosen_ids, first.rejected_ids) == (
+        reference.prompt_ids, reference.chosen_ids, reference.rejected_ids)
+    assert first.pixel_values.equal(reference.pixel_values) and first.index == reference.index == 0
+    (tmp_path / "a.png").unlink()  # later epochs read no file
+    assert cached[0] is first and cached[1] is missing
+    assert isinstance(plain[0], Rejected) and plain[0].reason == "missing_image"
