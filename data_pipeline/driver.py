@@ -8,24 +8,31 @@
 Every question is owned by one shard (stable hash of its id), sampled with its own seed derived from
 (seed, id) whichever questions share its engine call, and written as one line to its shard file as
 soon as its call is done. Results therefore depend neither on sharding, order nor batching, a killed
-run resumes where it stopped, and the merge of two shards equals a one-shard run. Ground-truth questions go through chain-of-thought sampling and
-correctness/format pairing (REFERENCE.md §4); questions without an answer (and a seeded share of
-those with one, ``dropout_ntp.share``) go through Dropout-NTP.
+run resumes where it stopped, and the merge of two shards equals a one-shard run. Ground-truth
+questions go through chain-of-thought sampling and correctness/format pairing (REFERENCE.md §4);
+questions without an answer (and a seeded share of those with one, ``dropout_ntp.share``) go
+through Dropout-NTP.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_pipeline.build_settings import (
+    CONFIG_FILE,
+    check_or_store_settings,
+    load_settings,
+    run_settings,
+    settings_fingerprint,
+)
 from data_pipeline.dropout_ntp import build_dropout_ntp_pair
 from data_pipeline.pairs import classify_responses, make_format_pairs, make_pairs, question_outcome
 from data_pipeline.prompts import build_cot_prompt
@@ -41,9 +48,6 @@ __all__ = [
     "BuildResult", "ShardSummary", "build_pairs", "question_seed", "resolve_shard", "sample_shard",
     "settings_fingerprint", "shard_of", "uses_dropout_ntp",
 ]
-
-_CONFIG_FILE = "build_config.json"
-
 
 # ---------------------------------------------------------------- seeds and shards
 
@@ -93,43 +97,6 @@ def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] =
     return index, count
 
 
-# ---------------------------------------------------------------- settings on disk
-
-def _settings(cfg: BuildConfig, questions: QuestionSet) -> dict:
-    """What the results depend on: a resumed or merged run must have the same."""
-    free = ("output_dir", "device", "dtype", "shard", "stage", "strict", "progress", "stop_after_questions",
-            "questions_per_call", "max_batch_rows")
-    keep = {k: v for k, v in asdict(cfg).items() if k not in free}
-    keep.update(model_dir=str(Path(cfg.model_dir).resolve()), questions=str(questions.path),
-                image_root=str(questions.image_root))
-    return json.loads(json.dumps(keep, sort_keys=True))  # plain JSON types, canonical order
-
-
-def settings_fingerprint(settings: dict) -> str:
-    """16 hex digits identifying ``settings``; stored on every shard line."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _load_settings(out_dir: Path) -> dict | None:
-    path = out_dir / _CONFIG_FILE
-    return json.loads(path.read_text(encoding="utf-8"))["settings"] if path.is_file() else None
-
-
-def _check_or_store_settings(out_dir: Path, settings: dict) -> None:
-    stored = _load_settings(out_dir)
-    if stored is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{_CONFIG_FILE}.{os.getpid()}"
-        record = {"settings": settings, "fingerprint": settings_fingerprint(settings)}
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out_dir / _CONFIG_FILE)
-    elif stored != settings:
-        diff = [f"{k}: {stored.get(k)!r} -> {settings.get(k)!r}" for k in sorted(stored.keys() | settings.keys())
-                if stored.get(k) != settings.get(k)]
-        raise ValueError(f"{out_dir} was built with other settings ({'; '.join(diff)}); rerun with the same "
-                         "settings to resume, or choose a new output_dir")
-
-
 # ---------------------------------------------------------------- one question
 
 def _image_field(question: Question) -> dict:
@@ -176,31 +143,32 @@ class _Sampler:
             except MediaError as err:  # an unreadable image is the record's fault: count it, go on
                 _reject(line, err)
             lines.append(line)
-        if len(batch) > 1 and self._sample_together(batch):
-            return lines
-        for line, question, images, mdp in batch:  # alone: an unreadable image rejects its own line only
-            try:
-                self._sample_together([(line, question, images, mdp)])
-            except MediaError as err:
-                _reject(line, err)
+        try:
+            self._sample_together(batch)
+        except MediaError as err:
+            if len(batch) == 1:
+                _reject(batch[0][0], err)
+            else:  # one unreadable image fails the whole call: alone, it rejects its own line only
+                for item in batch:
+                    try:
+                        self._sample_together([item])
+                    except MediaError as alone_err:
+                        _reject(item[0], alone_err)
         return lines
 
-    def _sample_together(self, batch: list[tuple[dict, Question, list[str], int]]) -> bool:
-        """Sample the ground-truth questions of ``batch`` in one call and fill their lines; False when
-        an image of several questions could not be read (then nothing is filled)."""
+    def _sample_together(self, batch: list[tuple[dict, Question, list[str], int]]) -> None:
+        """Sample the ground-truth questions of ``batch`` in one call and fill their lines (nothing
+        is filled when an image cannot be read: MediaError)."""
+        if not batch:
+            return
         c = self.cfg
         prompts = [build_cot_prompt(q.question, style=c.prompt_style, options=q.options) for _, q, _, _ in batch]
         requests = [Request(prompt, images=images, max_dynamic_patch=mdp, seed=question_seed(c.seed, q.id))
                     for prompt, (_, q, images, mdp) in zip(prompts, batch)]
-        try:
-            gens = self.engine.generate(requests, self.params(batch[0][1], c.samples_per_question))
-        except MediaError:
-            if len(batch) == 1:
-                raise
-            return False
+        # Each request carries its own seed: the params' seed (the first question's) is not used.
+        gens = self.engine.generate(requests, self.params(batch[0][1], c.samples_per_question))
         for prompt, samples, (line, q, _, _) in zip(prompts, gens, batch):
             line.update(self._ground_truth(q, prompt, samples))
-        return True
 
     def _ground_truth(self, q: Question, prompt: str, gens: list) -> dict:
         c = self.cfg
@@ -340,12 +308,12 @@ def _shard_count_on_disk(out_dir: Path) -> int | None:
 
 
 def _merge_only(cfg: BuildConfig, out_dir: Path, env: Mapping[str, str]) -> MergeSummary:
-    stored = _load_settings(out_dir)
+    stored = load_settings(out_dir)
     if stored is None:
-        raise ValueError(f"{out_dir} has no {_CONFIG_FILE}: nothing was sampled there; run stage=sample first")
+        raise ValueError(f"{out_dir} has no {CONFIG_FILE}: nothing was sampled there; run stage=sample first")
     if cfg.model_dir and cfg.questions:  # given: they must match what was sampled
         questions = read_questions(cfg.questions, image_root=cfg.image_root, strict=cfg.strict)
-        _check_or_store_settings(out_dir, _settings(cfg, questions))
+        check_or_store_settings(out_dir, run_settings(cfg, questions))
     else:
         questions = read_questions(stored["questions"], image_root=stored["image_root"], strict=cfg.strict)
     count = cfg.shard.count or _shard_count_on_disk(out_dir) or resolve_shard(None, None, env)[1]
@@ -396,8 +364,8 @@ def build_pairs(cfg: BuildConfig, *, engine=None, env: Mapping[str, str] = os.en
         raise ValueError(f"model={cfg.model_dir} is not a directory: give a native InternVL checkpoint directory")
     index, count = resolve_shard(cfg.shard.index, cfg.shard.count, env)
     questions = read_questions(cfg.questions, image_root=cfg.image_root, strict=cfg.strict)
-    settings = _settings(cfg, questions)
-    _check_or_store_settings(out_dir, settings)
+    settings = run_settings(cfg, questions)
+    check_or_store_settings(out_dir, settings)
     fingerprint = settings_fingerprint(settings)
     factory = (lambda: engine) if engine is not None else _default_engine_factory(cfg, env)
     shard = sample_shard(cfg, questions, factory, index=index, count=count, fingerprint=fingerprint)

@@ -1,6 +1,6 @@
 """`mpo demo`: the whole MPO pipeline on the synthetic visual task, end to end, on a CPU.
 
-    mpo demo                                  # 10-11 min on 2 CPU cores (measured, docs/demo_notes.md)
+    mpo demo                                  # ~9 min on 2 CPU cores (measured, docs/demo_notes.md)
     mpo demo --output-dir runs/demo --seed 1 --device cuda
     mpo demo --quick                          # every stage on a handful of questions (CI smoke run)
     mpo demo --set num_train=3000 --set sft_steps=3000 --sft-arg optim.lr=1e-3 --mpo-arg loss.beta=0.3
@@ -8,7 +8,7 @@
 Stages, each run as the command a user would type (logged to DIR/commands.sh, output to DIR/logs/):
 
 1. task   ``data_pipeline.synthetic.generate_task``: train / build / test questions with images
-          (choice options in a fixed order: the demo's 2-layer LLM cannot look letters up in a shuffled list).
+          (``kinds=grid``: coloured squares counted on an 8 x 8 grid, one cell per image token).
 2. model  a random InternVL of shape ``demo`` (``mpo.model.tiny.write_tiny_checkpoint``).
 3. sft    ``launch/train.py +exp=demo_sft``: the trainer with only the SFT term, on correct
           chain-of-thought answers ending in "Final answer: X".

@@ -191,20 +191,18 @@ def _train(cfg: TrainConfig, stop_flag: preempt.PreemptionFlag) -> dict:
                 batch = batch.chosen_only().to(env.device, dtype)
                 chosen, chosen_tokens = chosen_logps(engine, batch, chunk_size=cfg.loss.logps_chunk_size)
                 loss, metrics = generation_only_loss(chosen, chosen_tokens, loss_cfg)
-                engine.backward(loss)
-                engine.step()
-                acc.add(metrics, num_pairs=batch.num_pairs, num_tokens=batch.num_tokens)
-                continue
-            batch = batch.to(env.device, dtype)
-            chosen, rejected, chosen_tokens, _ = batch_logps(engine, batch, chunk_size=cfg.loss.logps_chunk_size)
-            ref_chosen, ref_rejected = reference.logps(batch)
-            # δ folds in this batch's rewards summed over all ranks (one all-reduce of two numbers)
-            reward_sum, count = reward_stats(chosen, rejected, ref_chosen, ref_rejected, cfg.loss.beta)
-            packed = torch.stack([reward_sum, count]).to(env.device)
-            if env.world_size > 1:
-                dist.all_reduce(packed)
-            shift.update(packed[0], packed[1])
-            loss, metrics = mpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, shift.mean, loss_cfg)
+            else:
+                batch = batch.to(env.device, dtype)
+                chosen, rejected, chosen_tokens, _ = batch_logps(engine, batch, chunk_size=cfg.loss.logps_chunk_size)
+                ref_chosen, ref_rejected = reference.logps(batch)
+                # δ folds in this batch's rewards summed over all ranks (one all-reduce of two numbers)
+                reward_sum, count = reward_stats(chosen, rejected, ref_chosen, ref_rejected, cfg.loss.beta)
+                packed = torch.stack([reward_sum, count]).to(env.device)
+                if env.world_size > 1:
+                    dist.all_reduce(packed)
+                shift.update(packed[0], packed[1])
+                loss, metrics = mpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, shift.mean,
+                                         loss_cfg)
             engine.backward(loss)
             engine.step()
             acc.add(metrics, num_pairs=batch.num_pairs, num_tokens=batch.num_tokens)
