@@ -33,7 +33,7 @@ from data_pipeline.build_settings import (
     run_settings,
     settings_fingerprint,
 )
-from data_pipeline.dropout_ntp import build_dropout_ntp_pair
+from data_pipeline.dropout_ntp import DropoutNTPJob, build_dropout_ntp_pairs
 from data_pipeline.pairs import classify_responses, make_format_pairs, make_pairs, question_outcome
 from data_pipeline.prompts import build_cot_prompt
 from data_pipeline.sources import Question, QuestionSet, read_questions
@@ -129,7 +129,7 @@ class _Sampler:
     def lines(self, questions: list[Question]) -> list[dict]:
         """Shard lines of ``questions``, in order. Their ground-truth samples come from one generate
         call (each question seeded by its id, so the samples equal those of a call of its own)."""
-        lines, batch = [], []
+        lines, batch, blind = [], [], []
         for question in questions:
             line = {"id": question.id, "source": question.source, "line": question.line, "cfg": self.fingerprint,
                     "num_samples": 0, "num_tokens": 0, "counts": {}, "pairs": {}, "hard": None, "reject": None}
@@ -137,21 +137,22 @@ class _Sampler:
             try:
                 images = [str(resolve_media_path(self.image_root, rel)) for rel in question.images]
                 if uses_dropout_ntp(question, self.cfg.seed, self.cfg.dropout_ntp.share):
-                    line.update(self._dropout_ntp(question, images, mdp))
+                    blind.append((line, question, images, mdp))
                 else:
                     batch.append((line, question, images, mdp))
             except MediaError as err:  # an unreadable image is the record's fault: count it, go on
                 _reject(line, err)
             lines.append(line)
-        try:
-            self._sample_together(batch)
-        except MediaError as err:
-            if len(batch) == 1:
-                _reject(batch[0][0], err)
-            else:  # one unreadable image fails the whole call: alone, it rejects its own line only
-                for item in batch:
+        for run, items in ((self._sample_together, batch), (self._dropout_ntp_together, blind)):
+            try:
+                run(items)
+            except MediaError as err:
+                if len(items) == 1:
+                    _reject(items[0][0], err)
+                    continue
+                for item in items:  # one unreadable image fails the whole call: alone, it rejects its own line only
                     try:
-                        self._sample_together([item])
+                        run([item])
                     except MediaError as alone_err:
                         _reject(item[0], alone_err)
         return lines
@@ -206,23 +207,30 @@ class _Sampler:
             "hard": hard,
         }
 
-    def _dropout_ntp(self, q: Question, images: list[str], mdp: int) -> dict:
-        if not images:  # without an image both answers would be blind: the pair would teach nothing
-            return {"branch": "dropout_ntp", "status": "no_image", "pairs": {"dropout_ntp": []}}
+    def _dropout_ntp_together(self, batch: list[tuple[dict, Question, list[str], int]]) -> None:
+        """Dropout-NTP pairs of ``batch``'s questions (two generate calls in all) into their lines
+        (nothing is filled when an image cannot be read: MediaError)."""
         c = self.cfg
-        style = c.dropout_ntp.prompt
-        use_cot = style == "cot" or (style == "auto" and q.answer is not None)  # a withheld answer: CoT question
-        prompt = build_cot_prompt(q.question, style=c.prompt_style, options=q.options) if use_cot else _plain_prompt(q)
-        result = build_dropout_ntp_pair(self.engine, prompt, images, self.params(q, 1),
-                                        self.params(q, 1, "continuation"), ratio=c.dropout_ntp.ratio,
-                                        max_dynamic_patch=mdp)
-        records = []
-        if result.status == "pair":
-            records.append({"id": q.id, **_image_field(q), "question": prompt, "chosen": result.chosen,
-                            "rejected": result.rejected, "chosen_meta": result.chosen_meta,
-                            "rejected_meta": result.rejected_meta})
-        return {"branch": "dropout_ntp", "status": result.status, "num_samples": result.num_generated,
-                "num_tokens": result.num_tokens, "pairs": {"dropout_ntp": records}}
+        jobs, todo = [], []
+        for line, q, images, mdp in batch:
+            if not images:  # without an image both answers would be blind: the pair would teach nothing
+                line.update({"branch": "dropout_ntp", "status": "no_image", "pairs": {"dropout_ntp": []}})
+                continue
+            style = c.dropout_ntp.prompt
+            use_cot = style == "cot" or (style == "auto" and q.answer is not None)  # a withheld answer: CoT question
+            prompt = build_cot_prompt(q.question, style=c.prompt_style, options=q.options) if use_cot \
+                else _plain_prompt(q)
+            jobs.append(DropoutNTPJob(prompt, images, self.params(q, 1), self.params(q, 1, "continuation"), mdp))
+            todo.append((line, q, prompt))
+        results = build_dropout_ntp_pairs(self.engine, jobs, ratio=c.dropout_ntp.ratio)
+        for (line, q, prompt), result in zip(todo, results):
+            records = []
+            if result.status == "pair":
+                records.append({"id": q.id, **_image_field(q), "question": prompt, "chosen": result.chosen,
+                                "rejected": result.rejected, "chosen_meta": result.chosen_meta,
+                                "rejected_meta": result.rejected_meta})
+            line.update({"branch": "dropout_ntp", "status": result.status, "num_samples": result.num_generated,
+                         "num_tokens": result.num_tokens, "pairs": {"dropout_ntp": records}})
 
 
 def _reject(line: dict, err: MediaError) -> None:

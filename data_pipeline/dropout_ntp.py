@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from mpo.data.template import normalize_text
 from mpo.infer.engine import Request, SamplingParams
 
-__all__ = ["DropoutNTPResult", "MIN_WORDS", "build_dropout_ntp_pair", "remove_image_placeholders", "split_prefix"]
+__all__ = ["DropoutNTPJob", "DropoutNTPResult", "MIN_WORDS", "build_dropout_ntp_pair", "build_dropout_ntp_pairs",
+           "remove_image_placeholders", "split_prefix"]
 
 MIN_WORDS = 2
 """Fewest words a chosen answer needs: with one word the prefix is empty and there is nothing to drop."""
@@ -90,6 +91,17 @@ class DropoutNTPResult:
     num_tokens: int
 
 
+@dataclass
+class DropoutNTPJob:
+    """One question's Dropout-NTP inputs (see :func:`build_dropout_ntp_pair` for the fields)."""
+
+    prompt: str
+    images: list
+    chosen_params: SamplingParams
+    continuation_params: SamplingParams
+    max_dynamic_patch: int = 6
+
+
 def build_dropout_ntp_pair(
     engine,
     prompt: str,
@@ -115,31 +127,59 @@ def build_dropout_ntp_pair(
     Returns:
         A :class:`DropoutNTPResult`; ``rejected.startswith(prefix)`` when ``status == "pair"``.
     """
-    one = {"num_samples": 1}
-    chosen_gen = engine.generate(
-        [Request(prompt, images=list(images), max_dynamic_patch=max_dynamic_patch)],
-        SamplingParams(**{**vars(chosen_params), **one}),
-    )[0][0]
-    chosen = chosen_gen.text.strip()
-    chosen_meta = {"finished": chosen_gen.finished, "num_tokens": len(chosen_gen.token_ids), "with_image": True}
-    prefix, kept, total = split_prefix(chosen, ratio)
-    if total < MIN_WORDS or not prefix:
-        return DropoutNTPResult("too_short", chosen, "", "", chosen_meta, {}, 1, len(chosen_gen.token_ids))
-    blind_prompt = remove_image_placeholders(prompt)
-    cont_gen = engine.generate(
-        [Request(blind_prompt, images=[], assistant_prefix=prefix, max_dynamic_patch=max_dynamic_patch)],
-        SamplingParams(**{**vars(continuation_params), **one}),
-    )[0][0]
-    rejected = prefix + cont_gen.text.rstrip()
-    num_tokens = len(chosen_gen.token_ids) + len(cont_gen.token_ids)
-    rejected_meta = {
-        "finished": cont_gen.finished,
-        "num_tokens": len(cont_gen.token_ids),
-        "with_image": False,
-        "prefix_words": kept,
-        "chosen_words": total,
-        "ratio": ratio,
-    }
-    if normalize_text(rejected) == normalize_text(chosen):
-        return DropoutNTPResult("identical", chosen, rejected, prefix, chosen_meta, rejected_meta, 2, num_tokens)
-    return DropoutNTPResult("pair", chosen, rejected, prefix, chosen_meta, rejected_meta, 2, num_tokens)
+    job = DropoutNTPJob(prompt, list(images), chosen_params, continuation_params, max_dynamic_patch)
+    return build_dropout_ntp_pairs(engine, [job], ratio=ratio)[0]
+
+
+def _one_call(engine, requests: list[Request], params: list[SamplingParams]) -> list:
+    """The single generation of each request, each drawn with its params' seed. Requests whose params
+    differ only in the seed share one call (``Request.seed``: the same draws as a call of their own)."""
+    base = [SamplingParams(**{**vars(p), "num_samples": 1, "seed": 0}) for p in params]
+    if len(requests) == 1 or any(b != base[0] for b in base):
+        return [engine.generate([r], SamplingParams(**{**vars(p), "num_samples": 1}))[0][0]
+                for r, p in zip(requests, params)]
+    seeded = [Request(r.question, images=r.images, assistant_prefix=r.assistant_prefix,
+                      max_dynamic_patch=r.max_dynamic_patch, seed=p.seed) for r, p in zip(requests, params)]
+    return [samples[0] for samples in engine.generate(seeded, base[0])]
+
+
+def build_dropout_ntp_pairs(engine, jobs: list[DropoutNTPJob], *, ratio: float = 0.5) -> list[DropoutNTPResult]:
+    """:func:`build_dropout_ntp_pair` for several questions, in two generate calls in all.
+
+    Every chosen answer comes from one call and every blind continuation from a second one; each
+    request draws with its own params' seed, so each result equals that of
+    :func:`build_dropout_ntp_pair` on its job alone (tested). Results are in job order.
+    """
+    split_prefix("", ratio)  # validates ratio before any generation
+    if not jobs:
+        return []
+    chosen_gens = _one_call(engine, [Request(j.prompt, images=list(j.images), max_dynamic_patch=j.max_dynamic_patch)
+                                     for j in jobs], [j.chosen_params for j in jobs])
+    results: list[DropoutNTPResult | None] = [None] * len(jobs)
+    blind: list[tuple[int, str, str, int, int, dict]] = []  # (job, chosen, prefix, words kept, words, chosen meta)
+    for i, (job, gen) in enumerate(zip(jobs, chosen_gens)):
+        chosen = gen.text.strip()
+        chosen_meta = {"finished": gen.finished, "num_tokens": len(gen.token_ids), "with_image": True}
+        prefix, kept, total = split_prefix(chosen, ratio)
+        if total < MIN_WORDS or not prefix:
+            results[i] = DropoutNTPResult("too_short", chosen, "", "", chosen_meta, {}, 1, len(gen.token_ids))
+        else:
+            blind.append((i, chosen, prefix, kept, total, chosen_meta))
+    continuations = _one_call(
+        engine, [Request(remove_image_placeholders(jobs[i].prompt), images=[], assistant_prefix=prefix,
+                         max_dynamic_patch=jobs[i].max_dynamic_patch) for i, _, prefix, *_ in blind],
+        [jobs[i].continuation_params for i, *_ in blind]) if blind else []
+    for (i, chosen, prefix, kept, total, chosen_meta), cont in zip(blind, continuations):
+        rejected = prefix + cont.text.rstrip()
+        rejected_meta = {
+            "finished": cont.finished,
+            "num_tokens": len(cont.token_ids),
+            "with_image": False,
+            "prefix_words": kept,
+            "chosen_words": total,
+            "ratio": ratio,
+        }
+        num_tokens = chosen_meta["num_tokens"] + len(cont.token_ids)
+        status = "identical" if normalize_text(rejected) == normalize_text(chosen) else "pair"
+        results[i] = DropoutNTPResult(status, chosen, rejected, prefix, chosen_meta, rejected_meta, 2, num_tokens)
+    return results

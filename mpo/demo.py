@@ -5,7 +5,8 @@
     mpo demo --quick                          # every stage on a handful of questions (CI smoke run)
     mpo demo --set num_train=3000 --set sft_steps=3000 --sft-arg optim.lr=1e-3 --mpo-arg loss.beta=0.3
 
-Stages, each run as the command a user would type (logged to DIR/commands.sh, output to DIR/logs/):
+Stages, each run as the command a user would type (logged to DIR/commands.sh, output to DIR/logs/), in
+this process unless --separate-processes (``mpo.demo_stages``: same outputs, less start-up time):
 
 1. task   ``data_pipeline.synthetic.generate_task``: train / build / test questions with images
           (``kinds=grid``: coloured squares counted on an 8 x 8 grid, one cell per image token).
@@ -26,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,8 +37,8 @@ from pathlib import Path
 
 from mpo.demo_report import EVAL_MODELS, write_report
 from mpo.demo_settings import PRESETS, DemoSettings
+from mpo.demo_stages import REPO_ROOT, StageError, Stages
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
 # Subfolders the demo writes; --overwrite removes exactly these (never anything else in DIR).
 OUTPUTS = ("task", "model", "sft", "pairs", "mpo", "mpo_awq", "eval", "logs", "commands.sh", "report.md",
@@ -53,51 +51,6 @@ COMMANDS_HEADER = """#!/usr/bin/env bash
 set -e
 
 """
-
-
-class StageError(RuntimeError):
-    """A stage's command failed; the message names the stage and its log file."""
-
-
-class Stages:
-    """Runs the pipeline's commands, times each stage and keeps the command lines for commands.sh."""
-
-    def __init__(self, out_dir: Path, device: str, log: Callable[[str], None]):
-        self.out_dir, self.device, self.log = out_dir, device, log
-        self.timings: dict[str, float] = {}
-        self.commands: list[str] = []
-        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        if self.device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
-        return env
-
-    def timed(self, name: str, func: Callable[[], object], equivalent: list[str]) -> object:
-        """Run an in-process stage, record its wall time (seconds) and the command that does the same."""
-        self.commands.append(f"# {name}\n" + " ".join(shlex.quote(a) for a in equivalent))
-        start = time.perf_counter()
-        result = func()
-        self.timings[name] = round(time.perf_counter() - start, 2)
-        return result
-
-    def run(self, name: str, argv: list[str]) -> None:
-        """Run one stage's command (output to logs/NAME.log); raise StageError when it fails."""
-        log_path = self.out_dir / "logs" / f"{name}.log"
-        line = " ".join(shlex.quote(a) for a in ["python" if a == sys.executable else a for a in argv])
-        self.commands.append(f"# {name}\n{line}")
-        self.log(f"[demo] {name}: {line}")
-        start = time.perf_counter()
-        with log_path.open("w", encoding="utf-8") as handle:
-            proc = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO_ROOT)
-        elapsed = time.perf_counter() - start
-        self.timings[name] = round(elapsed, 2)
-        if proc.returncode != 0:
-            tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-            raise StageError(f"stage {name!r} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
-        self.log(f"[demo] {name}: done in {elapsed:.1f} s")
 
 
 _HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.+\-]+")
@@ -169,13 +122,15 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", settings: DemoSettings = PRESETS["full"],
-             overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+             overwrite: bool = False, separate_processes: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run every stage into ``out_dir`` and return the report dict (also written as report.json).
 
     Args:
         seed: seeds the task, the starting weights, training, sampling and calibration.
         device: "cpu" or "cuda" (every stage runs there).
         settings: sizes of the run (``PRESETS["full"]`` or ``["quick"]``, or your own).
+        separate_processes: run each stage's command as its own Python process (default: in this
+            process, same outputs, without each stage's start-up time; ``mpo.demo_stages``).
     Raises:
         ValueError: bad arguments or an output directory that holds an earlier run.
         StageError: a stage's command failed (its log is named in the message).
@@ -191,7 +146,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
         raise ValueError(f"{TRAIN_SCRIPT} not found; run the demo from a source checkout (pip install -e .)")
     out = Path(out_dir).resolve()
     prepare_output_dir(out, overwrite)
-    stages = Stages(out, device, log)
+    stages = Stages(out, device, log, separate_processes=separate_processes)
     start = time.perf_counter()
     task, model, pairs = out / "task", out / "model", out / "pairs"
 
@@ -283,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a reduced run (a few questions and steps) that checks every stage works; "
                              "its accuracies mean nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in DIR")
+    parser.add_argument("--separate-processes", action="store_true",
+                        help="run each stage as its own Python process, exactly as commands.sh does (default: "
+                             "in this process, same results, without each stage's start-up time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a demo setting (mpo.demo_settings.DemoSettings), e.g. --set num_train=2000 "
                              "--set sft_steps=3000; repeatable")
@@ -301,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.with_values(args.set)
         settings = replace(settings, sft_overrides=settings.sft_overrides + tuple(args.sft_arg),
                            mpo_overrides=settings.mpo_overrides + tuple(args.mpo_arg))
-        report = run_demo(args.output_dir, seed=args.seed, device=device, settings=settings, overwrite=args.overwrite)
+        report = run_demo(args.output_dir, seed=args.seed, device=device, settings=settings, overwrite=args.overwrite,
+                          separate_processes=args.separate_processes)
     except ValueError as err:
         parser.error(str(err))
     except StageError as err:

@@ -83,11 +83,12 @@ def tile_image(image: Image.Image, *, max_num: int = 12, tile_size: int = 448, u
 
 def tiles_to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
     """Stack tiles as normalised pixel values [num_tiles, 3, H, W] (fp32, ImageNet mean/std)."""
-    arr = np.stack([np.asarray(t.convert("RGB"), dtype=np.float32) / 255.0 for t in tiles])
-    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    # uint8 channels-first first, then fp32 in place on contiguous memory: the same IEEE operations as
+    # ((x / 255) - mean) / std on a channels-last float array (bit-identical), ~8x faster on a CPU.
+    pixels = torch.from_numpy(np.stack([np.asarray(t.convert("RGB")) for t in tiles])).permute(0, 3, 1, 2)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return pixels.contiguous().float().div_(255.0).sub_(mean).div_(std)
 
 
 def resolve_media_path(root: str | Path, relative: str) -> Path:

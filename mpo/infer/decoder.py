@@ -27,7 +27,8 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from mpo.infer.decode_linears import decode_linear, fuse_linears
 from mpo.infer.kv_cache import PrefixKV, StaticKVCache
 
-__all__ = ["ModelPieces", "decode_logits_fused", "decode_logits_torch", "embed_prompt", "fuse_linears", "prefill"]
+__all__ = ["ModelPieces", "decode_logits_fused", "decode_logits_torch", "embed_prompt", "fuse_linears", "prefill",
+           "prefill_many"]
 
 
 @dataclass
@@ -190,6 +191,63 @@ def prefill(pieces: ModelPieces, input_ids_T: torch.Tensor, pixel_values: torch.
         hidden = _layer_forward(layer, hidden, cos, sin, pieces, attend)
     logits = pieces.lm_head(pieces.norm(hidden[:, -1:]))
     return PrefixKV(keys, values, logits[0, -1].float())
+
+
+@torch.no_grad()
+def prefill_many(pieces: ModelPieces, input_ids: list[list[int]],
+                 pixel_values: list[torch.Tensor | None]) -> list[PrefixKV]:
+    """`prefill` of several prompts in one forward pass (one vision-tower call, one pass per layer).
+
+    The prompts are right-padded to the longest. Under the causal mask a real token attends only to
+    tokens before it, which are all real, so each prompt's keys/values and last-token logits are
+    those of its own batch-1 `prefill` (up to the rounding of batched GEMMs; tested). On a GPU a
+    batch-1 prefill of a small model is launch-bound: this runs N prompts for about the launches of one.
+
+    Args:
+        input_ids: one token list per prompt (each non-empty).
+        pixel_values: per prompt, [tiles, 3, side, side] or None.
+    """
+    if not input_ids or len(input_ids) != len(pixel_values) or min(len(ids) for ids in input_ids) < 1:
+        raise ValueError("prefill_many needs as many pixel entries as prompts, and no empty prompt")
+    device, count = pieces.device, len(input_ids)
+    lengths = [len(ids) for ids in input_ids]
+    width = max(lengths)
+    pad_id = 0 if pieces.image_token_id != 0 else 1  # any ordinary token: padding is never read
+    ids_NT = torch.full((count, width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(input_ids):
+        ids_NT[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    ids_NT = ids_NT.to(device)
+    embeds = pieces.embed_tokens(ids_NT)
+    num_image_tokens = [sum(t == pieces.image_token_id for t in ids) for ids in input_ids]
+    tiles = [0 if p is None else p.shape[0] for p in pixel_values]
+    for i, (n, t) in enumerate(zip(num_image_tokens, tiles)):
+        if n and not t:
+            raise ValueError(f"prompt {i} has {n} image tokens but no pixel values")
+    if sum(tiles):
+        pixels = torch.cat([p.to(device) for p in pixel_values if p is not None])
+        features = pieces.model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        per_tile = features.shape[0] // sum(tiles)
+        bad = [i for i, (n, t) in enumerate(zip(num_image_tokens, tiles)) if n != t * per_tile]
+        if bad:
+            raise ValueError(f"prompt {bad[0]} has {num_image_tokens[bad[0]]} image tokens but its {tiles[bad[0]]} "
+                             f"tiles give {tiles[bad[0]] * per_tile} features: tiles and placeholders disagree")
+        embeds[ids_NT == pieces.image_token_id] = features  # row-major: prompt order, as concatenated
+    positions = torch.arange(width, device=device)[None].expand(count, -1)
+    cos, sin = pieces.rotary(embeds, positions)
+    shape = (len(pieces.layers), count, pieces.num_kv_heads, width, pieces.head_dim)
+    keys = torch.empty(shape, dtype=pieces.dtype, device=device)
+    values = torch.empty_like(keys)
+    hidden = embeds
+    for i, layer in enumerate(pieces.layers):
+        def attend(q, k, v, i=i):
+            keys[i], values[i] = k, v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=width > 1, scale=pieces.scaling,
+                                                  enable_gqa=pieces.num_heads != pieces.num_kv_heads)
+        hidden = _layer_forward(layer, hidden, cos, sin, pieces, attend)
+    last = torch.tensor([n - 1 for n in lengths], device=device)
+    logits = pieces.lm_head(pieces.norm(hidden[torch.arange(count, device=device), last][:, None]))[:, 0].float()
+    return [PrefixKV(keys[:, i, :, :n], values[:, i, :, :n], logits[i]) for i, n in enumerate(lengths)]
 
 
 def decode_logits_torch(pieces: ModelPieces, cache: StaticKVCache, tokens_B: torch.Tensor, positions_B: torch.Tensor,

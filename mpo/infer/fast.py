@@ -7,9 +7,11 @@ How a call runs:
 
 1. Rows: up to `max_batch_rows` samples decode together in one static KV cache (`DecodeBatch`),
    sized for the call's longest prompt plus `max_new_tokens`.
-2. Prefill: each prompt (image tiles + text) runs once at batch 1; its keys/values are copied into
-   as many free rows as it has samples waiting, and each row draws its own first token from the
-   prompt's logits. A prompt with more samples than free rows keeps its prefix until rows free up.
+2. Prefill: each prompt (image tiles + text) runs once; its keys/values are copied into as many
+   free rows as it has samples waiting, and each row draws its own first token from the prompt's
+   logits. A prompt with more samples than free rows keeps its prefix until rows free up. On a GPU
+   the next `prefill_prompts` waiting prompts are prefilled together in one forward pass
+   (`prefill_many`) and wait in that order; on a CPU each runs alone (`prefill`).
 3. Decode: all rows advance one token per step (a CUDA graph on GPU). Every `sync_every` steps the
    host reads which rows finished (stop token or max_new_tokens), collects them, and refills the
    freed rows with the next samples or prompts, so short answers do not hold a batch slot.
@@ -27,7 +29,7 @@ from typing import Protocol, Sequence
 import torch
 
 from mpo.infer.batch import DecodeBatch
-from mpo.infer.decoder import ModelPieces, prefill
+from mpo.infer.decoder import ModelPieces, prefill, prefill_many
 from mpo.infer.kv_cache import PrefixKV
 from mpo.infer.sampling import SamplingSpec, stream_seed
 
@@ -55,7 +57,8 @@ class RawGeneration:
 class GenerationStats:
     """Counters over the generator's lifetime (what tests and benchmarks inspect)."""
 
-    num_prefills: int = 0
+    num_prefills: int = 0  # prompts prefilled
+    num_prefill_batches: int = 0  # forward passes that prefilled them
     num_prefill_tokens: int = 0
     num_decode_steps: int = 0
     num_generated_tokens: int = 0
@@ -90,13 +93,19 @@ class FastGenerator:
         sync_every: decode steps queued between host checks for finished rows (GPU; the CPU path
             checks every step).
         max_cached_batches: decode batches (cache + graphs) kept for reuse across calls.
+        prefill_prompts: most prompts prefilled in one forward pass (default: 32 on CUDA, where a
+            small model's batch-1 prefill is launch-bound; 1 on CPU, where it is not).
+        prefill_tokens: most padded tokens (prompts x longest prompt) in one such pass.
     """
 
     def __init__(self, model, *, stop_id: int | None, max_batch_rows: int = 64, cuda_graphs: bool | None = None,
-                 fused_kernels: bool | None = None, sync_every: int = 8, max_cached_batches: int = 3):
-        if max_batch_rows < 1 or sync_every < 1 or max_cached_batches < 1:
-            raise ValueError(f"max_batch_rows={max_batch_rows}, sync_every={sync_every} and "
-                             f"max_cached_batches={max_cached_batches} must all be >= 1")
+                 fused_kernels: bool | None = None, sync_every: int = 8, max_cached_batches: int = 3,
+                 prefill_prompts: int | None = None, prefill_tokens: int = 16384):
+        if min(max_batch_rows, sync_every, max_cached_batches, prefill_tokens) < 1 \
+                or (prefill_prompts is not None and prefill_prompts < 1):
+            raise ValueError(f"max_batch_rows={max_batch_rows}, sync_every={sync_every}, "
+                             f"max_cached_batches={max_cached_batches}, prefill_prompts={prefill_prompts} and "
+                             f"prefill_tokens={prefill_tokens} must all be >= 1")
         self.pieces = ModelPieces(model)
         on_cuda = self.pieces.device.type == "cuda"
         if cuda_graphs and not on_cuda:
@@ -112,6 +121,8 @@ class FastGenerator:
         self.max_batch_rows = max_batch_rows
         self.sync_every = sync_every
         self.max_cached_batches = max_cached_batches
+        self.prefill_prompts = prefill_prompts if prefill_prompts is not None else (32 if on_cuda else 1)
+        self.prefill_tokens = prefill_tokens
         self.stats = GenerationStats()
         self._batches: OrderedDict[tuple[int, int], DecodeBatch] = OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -128,14 +139,24 @@ class FastGenerator:
         self._batches[key] = batch
         return batch
 
-    def _prefill(self, prompt: PromptLike) -> PrefixKV:
-        device = self.pieces.device
-        ids = torch.tensor(prompt.input_ids, dtype=torch.long, device=device)
-        pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(device)
-        prefix = prefill(self.pieces, ids, pixels)
-        self.stats.num_prefills += 1
-        self.stats.num_prefill_tokens += len(prompt.input_ids)
-        return prefix
+    def _prefill_next(self, prompts: Sequence[PromptLike], waiting: deque, ready: deque) -> None:
+        """Prefill the next waiting prompt(s) and queue (index, prefix) in `ready`, in order."""
+        chunk = [waiting.popleft()]
+        while (waiting and len(chunk) < self.prefill_prompts
+               and (len(chunk) + 1) * max(len(prompts[i].input_ids) for i in (*chunk, waiting[0])) <= self.prefill_tokens):
+            chunk.append(waiting.popleft())
+        if len(chunk) == 1:
+            prompt = prompts[chunk[0]]
+            ids = torch.tensor(prompt.input_ids, dtype=torch.long, device=self.pieces.device)
+            pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(self.pieces.device)
+            prefixes = [prefill(self.pieces, ids, pixels)]
+        else:
+            prefixes = prefill_many(self.pieces, [prompts[i].input_ids for i in chunk],
+                                    [prompts[i].pixel_values for i in chunk])
+        ready.extend(zip(chunk, prefixes))
+        self.stats.num_prefills += len(chunk)
+        self.stats.num_prefill_batches += 1
+        self.stats.num_prefill_tokens += sum(len(prompts[i].input_ids) for i in chunk)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[PromptLike], params) -> list[list[RawGeneration]]:
@@ -172,14 +193,16 @@ class FastGenerator:
         results: list[list[RawGeneration | None]] = [[None] * num_samples for _ in prompts]
         owner: list[tuple[int, int, int] | None] = [None] * batch.num_rows  # (prompt, sample, prompt length)
         waiting = deque(range(len(prompts)))
+        ready: deque[tuple[int, PrefixKV]] = deque()  # prefilled, not started yet (prompt order)
         open_prefix, open_index, next_sample = None, -1, 0
         while True:
             # Refill free rows: the open prompt's remaining samples first, then new prompts.
             free = [r for r in range(batch.num_rows) if owner[r] is None]
-            while free and (open_prefix is not None or waiting):
+            while free and (open_prefix is not None or ready or waiting):
                 if open_prefix is None:
-                    open_index = waiting.popleft()
-                    open_prefix, next_sample = self._prefill(prompts[open_index]), 0
+                    if not ready:
+                        self._prefill_next(prompts, waiting, ready)
+                    (open_index, open_prefix), next_sample = ready.popleft(), 0
                 take = min(len(free), num_samples - next_sample)
                 rows, free = free[:take], free[take:]
                 samples = range(next_sample, next_sample + take)
@@ -202,7 +225,7 @@ class FastGenerator:
                 results[prompt_index][sample_index] = RawGeneration(ids, logprobs, stopped)
                 self.stats.num_generated_tokens += len(ids)
                 owner[r] = None
-            if finished and (open_prefix is not None or waiting):
+            if finished and (open_prefix is not None or ready or waiting):
                 continue  # refill the freed rows before decoding further
             active = [r for r in range(batch.num_rows) if owner[r] is not None]
             if not active:  # nothing waiting either (it would have been started above)

@@ -114,6 +114,23 @@ def test_quick_demo_markdown_plots_and_commands(quick_demo):
         assert (out / "logs" / f"{stage}.log").is_file()
 
 
+def test_separate_processes_give_the_same_outputs(quick_demo, tmp_path):
+    """Twin of the default in-process stages: each stage as its own process, bit for bit the same run."""
+    out, _ = quick_demo
+    other = tmp_path / "separate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "mpo.demo", "--quick", "--output-dir", str(other), "--seed", "0",
+                           "--device", "cpu", "--separate-processes"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for weights in ("sft/final/model.safetensors", "mpo/final/model.safetensors", "mpo_awq/model.safetensors",
+                    "pairs/meta.json", "eval/results.json"):
+        assert (out / weights).read_bytes() == (other / weights).read_bytes(), weights
+    mine, theirs = (json.loads((d / "report.json").read_text()) for d in (out, other))
+    for key in ("accuracy", "accuracy_by_kind", "pairs", "training", "answer_priors", "table"):
+        assert mine[key] == theirs[key], key
+
+
 def test_rerun_into_the_same_directory_is_refused_without_overwrite(quick_demo):
     out, _ = quick_demo
     proc = subprocess.run([sys.executable, "-m", "mpo.demo", "--quick", "--output-dir", str(out)], cwd=ROOT,

@@ -170,9 +170,10 @@ def test_ground_truth_and_dropout_branches(tmp_path):
     result = build_pairs(make_cfg(tmp_path), engine=engine)
     out = result.out_dir
     assert result.shard.num_done == 6 and result.merge is not None
-    # n1: chosen + continuation; g1, g2, g3 and c1 in one call (K samples each), which c1's corrupt image
-    # fails; then each alone, so only c1 is rejected.
-    assert [len(requests) for requests, _ in engine.calls] == [1, 1, 4, 1, 1, 1, 1]
+    # g1, g2, g3 and c1 in one call (K samples each), which c1's corrupt image fails; then each alone, so
+    # only c1 is rejected; then n1's chosen answer and its continuation (the Dropout-NTP questions' calls).
+    assert [len(requests) for requests, _ in engine.calls] == [4, 1, 1, 1, 1, 1, 1]
+    assert [requests[0].assistant_prefix != "" for requests, _ in engine.calls] == [False] * 6 + [True]
 
     correctness = read_jsonl(out / "count_pairs_vqa_correctness_rules.jsonl")
     # g1: positives {0: "5"} x negatives {1: "7", 2: "15"}, minus the entailed ("5" in "15") pair

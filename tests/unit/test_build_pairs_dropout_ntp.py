@@ -129,3 +129,43 @@ def test_tiny_model_dropout_ntp_run(tiny224, tmp_path):
     again = build_dropout_ntp_pair(engine, "<image>\nDescribe the image.", [str(image)], params, cont,
                                    max_dynamic_patch=1)
     assert (again.chosen, again.rejected) == (result.chosen, result.rejected)  # seeded: reproducible
+
+
+def test_many_jobs_in_two_calls_equal_each_job_alone(tiny224, tmp_path):
+    """Twin of the batched builder: the real engine, five questions (two images, one text-only prompt
+    style, different seeds) give in two generate calls what each gives alone."""
+    from mpo.infer.engine import Engine
+
+    from data_pipeline.dropout_ntp import DropoutNTPJob, build_dropout_ntp_pairs
+
+    engine = Engine.load(tiny224, device="cpu", system_prompt=None)
+    images = [str(write_image(tmp_path / f"{i}.png", size=(80 + 10 * i, 60), color=(40 * i, 90, 200))) for i in range(2)]
+    jobs = [DropoutNTPJob(f"<image>\nDescribe image {i}.", [images[i % 2]],
+                          SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, seed=10 + i),
+                          SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, seed=20 + i), 1)
+            for i in range(5)]
+    calls = []
+    real_generate = engine.generate
+
+    def spy(requests, params):
+        calls.append(len(requests))
+        return real_generate(requests, params)
+
+    engine.generate = spy
+    together = build_dropout_ntp_pairs(engine, jobs, ratio=0.5)
+    assert calls[0] == 5 and len(calls) <= 2 and sum(calls[1:]) == sum(r.status != "too_short" for r in together)
+    alone = [build_dropout_ntp_pair(engine, j.prompt, j.images, j.chosen_params, j.continuation_params,
+                                    max_dynamic_patch=1) for j in jobs]
+    assert together == alone
+    # params that differ beyond their seed cannot share a call: one call per job, same results
+    mixed = [jobs[0], DropoutNTPJob(jobs[1].prompt, jobs[1].images,
+                                    SamplingParams(max_new_tokens=7, temperature=1.0, seed=11), jobs[1].continuation_params, 1)]
+    calls.clear()
+    got = build_dropout_ntp_pairs(engine, mixed, ratio=0.5)
+    assert calls[:2] == [1, 1]
+    assert got[0] == alone[0]
+    assert got[1] == build_dropout_ntp_pair(engine, mixed[1].prompt, mixed[1].images, mixed[1].chosen_params,
+                                            mixed[1].continuation_params, max_dynamic_patch=1)
+    assert build_dropout_ntp_pairs(engine, [], ratio=0.5) == []
+    with pytest.raises(ValueError, match="ratio"):
+        build_dropout_ntp_pairs(engine, jobs, ratio=1.0)

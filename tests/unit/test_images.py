@@ -133,3 +133,21 @@ def test_video_frames_one_tile_each(tmp_path):
     # frames are brighter later: sampled in order
     means = visual.pixel_values.mean(dim=(1, 2, 3))
     assert torch.all(means[1:] > means[:-1])
+
+
+def test_tiles_to_tensor_matches_the_plain_formula_bit_for_bit():
+    """Twin of the fast conversion: ((x / 255) - mean) / std on a channels-last fp32 array."""
+    import numpy as np
+    import torch
+
+    from mpo.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(0)
+    tiles = [Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)) for _ in range(3)]
+    tiles.append(Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8)))  # greyscale: converted to RGB
+    plain = np.stack([np.asarray(t.convert("RGB"), dtype=np.float32) / 255.0 for t in tiles])
+    expected = (torch.from_numpy(plain).permute(0, 3, 1, 2) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = tiles_to_tensor(tiles)
+    assert pixels.dtype == torch.float32 and pixels.shape == (4, 3, 37, 53) and pixels.is_contiguous()
+    assert torch.equal(pixels, expected)

@@ -233,3 +233,57 @@ def test_bad_inputs(engines, tiny_model_dir, requests_):
     with pytest.raises(ValueError, match="at least one token"):
         fast.generator.generate([type("P", (), {"input_ids": [], "pixel_values": None})()], SamplingParams())
     assert fast.generate([], SamplingParams()) == []
+
+
+def test_prefill_many_equals_one_prompt_at_a_time(engines, requests_):
+    """Twin of the batched prefill: right-padded prompts (text only, one and two images, a prefix) give
+    each prompt's own keys/values and next-token logits."""
+    from mpo.infer.decoder import prefill, prefill_many
+
+    fast, _ = engines
+    pieces = fast.generator.pieces
+    prompts = [fast.encode(r) for r in requests_]
+    assert len({len(p.input_ids) for p in prompts}) == len(prompts)  # all lengths differ: padding is exercised
+    batched = prefill_many(pieces, [p.input_ids for p in prompts], [p.pixel_values for p in prompts])
+    for prompt, got in zip(prompts, batched):
+        want = prefill(pieces, torch.tensor(prompt.input_ids), prompt.pixel_values)
+        assert got.length == want.length == len(prompt.input_ids)
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_many_bad_input(engines, requests_):
+    from mpo.infer.decoder import prefill_many
+
+    fast, _ = engines
+    pieces = fast.generator.pieces
+    image_prompt = fast.encode(requests_[1])
+    with pytest.raises(ValueError, match="no pixel values"):
+        prefill_many(pieces, [image_prompt.input_ids, [1, 2]], [None, None])
+    with pytest.raises(ValueError, match="tiles and placeholders disagree"):
+        two_tiles = torch.cat([image_prompt.pixel_values, image_prompt.pixel_values])
+        prefill_many(pieces, [image_prompt.input_ids, [1, 2]], [two_tiles, None])
+    with pytest.raises(ValueError, match="as many pixel entries"):
+        prefill_many(pieces, [[1, 2]], [])
+    with pytest.raises(ValueError, match="no empty prompt"):
+        prefill_many(pieces, [[1, 2], []], [None, None])
+
+
+def test_generation_with_batched_prefill_equals_one_at_a_time(engines, requests_):
+    """The generator's batched prefill (the GPU default) gives the tokens of per-prompt prefill, greedy and
+    seeded sampling, whatever the chunk size and token budget."""
+    fast, _ = engines
+    prompts = [fast.encode(r) for r in requests_]
+    for params in (SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.9, top_k=50,
+                                                                     num_samples=3, seed=5)):
+        one = FastGenerator(fast.model, stop_id=fast.stop_id, max_batch_rows=4, prefill_prompts=1)
+        want = one.generate(prompts, params)
+        for chunk, budget in ((4, 16384), (3, 16384), (4, 2 * max(len(p.input_ids) for p in prompts))):
+            many = FastGenerator(fast.model, stop_id=fast.stop_id, max_batch_rows=4, prefill_prompts=chunk,
+                                 prefill_tokens=budget)
+            got = many.generate(prompts, params)
+            assert [[g.token_ids for g in s] for s in got] == [[g.token_ids for g in s] for s in want]
+            assert many.stats.num_prefills == len(prompts) > many.stats.num_prefill_batches
+    with pytest.raises(ValueError, match="prefill_prompts=0"):
+        FastGenerator(fast.model, stop_id=fast.stop_id, prefill_prompts=0)
