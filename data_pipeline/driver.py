@@ -128,7 +128,8 @@ class _Sampler:
 
     def lines(self, questions: list[Question]) -> list[dict]:
         """Shard lines of ``questions``, in order. Their ground-truth samples come from one generate
-        call (each question seeded by its id, so the samples equal those of a call of its own)."""
+        call, their Dropout-NTP answers from two (each question seeded by its id, so its samples are
+        those of a call of its own, up to the rounding noted in ``mpo.infer.fast``)."""
         lines, batch, blind = [], [], []
         for question in questions:
             line = {"id": question.id, "source": question.source, "line": question.line, "cfg": self.fingerprint,

@@ -1,6 +1,6 @@
 """`mpo demo`: the whole MPO pipeline on the synthetic visual task, end to end, on a CPU.
 
-    mpo demo                                  # ~9 min on 2 CPU cores (measured, docs/demo_notes.md)
+    mpo demo                                  # ~8 min on 2 CPU cores (measured, docs/demo_notes.md)
     mpo demo --output-dir runs/demo --seed 1 --device cuda
     mpo demo --quick                          # every stage on a handful of questions (CI smoke run)
     mpo demo --set num_train=3000 --set sft_steps=3000 --sft-arg optim.lr=1e-3 --mpo-arg loss.beta=0.3

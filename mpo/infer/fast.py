@@ -16,8 +16,11 @@ How a call runs:
    host reads which rows finished (stop token or max_new_tokens), collects them, and refills the
    freed rows with the next samples or prompts, so short answers do not hold a batch slot.
 
-Random draws are keyed by (seed, request index, sample index, token index) (`sampling`), so a
-result never depends on batch size, order of completion, or the other requests in the call.
+Random draws are keyed by (seed, request index, sample index, token index) (`sampling`), so the
+draws never depend on batch size, order of completion, or the other requests in the call. The
+logits they are compared with can: rows of different lengths decode with a masked attention and
+batched GEMMs round differently from a lone row, so a near-tie can (rarely) flip a sampled token
+(1 of ~24,000 answers in the CPU demo's pair building, docs/demo_notes.md round 5).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mpo.model.convert import ConversionError, convert_checkpoint, native_config
+from mpo.model.convert import ConversionError, native_config
 from mpo.model.load import load_model, load_processor
 from mpo.model.tokenizer import train_tiny_tokenizer
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import write_image
 
 from mpo.infer.__main__ import main
