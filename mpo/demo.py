@@ -212,6 +212,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
         "system_prompt=", f"device={device}", "progress=false",
     ])
 
+    stages.close()
     stages.timings["total"] = round(time.perf_counter() - start, 2)
     (out / "commands.sh").write_text(COMMANDS_HEADER + "\n\n".join(stages.commands) + "\n", encoding="utf-8")
     report = write_report(out, seed=seed, device=device, settings=settings, timings=stages.timings)

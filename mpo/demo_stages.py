@@ -93,6 +93,13 @@ class Stages:
             raise StageError(f"stage {name!r} failed (exit {code}){cause}; full log: {log_path}\n{tail}")
         self.log(f"[demo] {name}: done in {elapsed:.1f} s")
 
+    def close(self) -> None:
+        """After the last stage: close the process group the in-process trainer stages opened (a
+        separate trainer process closes its own by exiting)."""
+        dist = getattr(sys.modules.get("torch"), "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def _run_here(args: list[str], log_path: Path, env: dict[str, str]) -> tuple[int, BaseException | None]:
     """``python ARGS`` run in this process; returns (exit code, the exception when one escaped).

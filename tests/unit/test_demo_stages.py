@@ -75,3 +75,30 @@ def test_malformed_stage_command_is_refused(tmp_path):
     for argv in (["python", "x.py"], [sys.executable], [sys.executable, "-m"]):
         with pytest.raises(ValueError, match="expected \\[python"):
             stages.run("x", argv)
+
+
+def test_close_ends_the_process_group_a_trainer_stage_left(tmp_path):
+    """An in-process trainer stage leaves its (one-process) group open; close() ends it, and is a no-op after."""
+    import torch.distributed as dist
+
+    script = tmp_path / "group.py"
+    script.write_text("import os, torch.distributed as dist\n"
+                      "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['TEST_PORT'])\n"
+                      "dist.init_process_group('gloo', rank=0, world_size=1)\n")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["TEST_PORT"] = str(port)
+    try:
+        stages = Stages(tmp_path, "cpu", lambda line: None)
+        stages.run("group", [sys.executable, str(script)])
+        assert dist.is_initialized()
+        stages.close()
+        assert not dist.is_initialized()
+        stages.close()
+    finally:
+        os.environ.pop("TEST_PORT", None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
