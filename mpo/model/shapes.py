@@ -67,6 +67,14 @@ SHAPES: dict[str, ModelShape] = {
             hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=768
         ),
     ),
+    # `demo` with 4x the LLM (256 wide, 4 layers) and a 4-layer, 128-wide vision tower: the demo's
+    # capacity experiment (`mpo demo --set shape=demo_large`, docs/demo_notes.md round 5).
+    "demo_large": ModelShape(
+        vision=VisionShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256, image_size=224),
+        text=TextShape(
+            hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512, vocab_size=768
+        ),
+    ),
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B-Instruct.
     "1b": ModelShape(
         vision=INTERNVIT_300M,
