@@ -92,3 +92,13 @@ def test_bad_cli_args(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mpo.model.tiny", str(tmp_path / "x"), "--image-size", "100"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "multiple of 28" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_large"])
+def test_demo_shapes_quantize_every_decoder_linear_with_group_128(name):
+    """The demo's shapes: 224-px tiles of 64 image tokens, LLM widths multiples of 128 (AWQ group size)."""
+    shape = SHAPES[name]
+    assert shape.vision.image_size == 224 and shape.tokens_per_tile == 64
+    text = shape.text
+    assert text.hidden_size % 128 == 0 and text.intermediate_size % 128 == 0
+    assert text.num_heads % text.num_kv_heads == 0 and text.hidden_size // text.num_heads >= 32
