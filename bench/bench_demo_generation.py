@@ -5,7 +5,7 @@
 MODEL_DIR is a demo model (normally the SFT model of an `mpo demo` run, so answers stop as trained),
 QUESTIONS.jsonl the demo's build questions (``task/questions/build_demo.jsonl``), IMAGE_ROOT the
 task folder. Two workloads, each timed with `FastGenerator(prefill_prompts=1)` (the engine before
-batched prefill) and with the default (32 prompts per prefill on CUDA), in one run:
+batched prefill) and with `prefill_prompts=32` (the CUDA default), in one run:
 
 - pairs: calls of 32 questions x 8 samples at temperature 0.7 (what `mpo.build_pairs` does);
 - eval: calls of 128 questions, greedy (what `mpo.evaluate` does in the demo).

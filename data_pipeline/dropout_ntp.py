@@ -18,7 +18,7 @@ driver therefore skips text-only questions: there both answers would be blind).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpo.data.template import normalize_text
 from mpo.infer.engine import Request, SamplingParams
@@ -134,13 +134,12 @@ def build_dropout_ntp_pair(
 def _one_call(engine, requests: list[Request], params: list[SamplingParams]) -> list:
     """The single generation of each request, each drawn with its params' seed. Requests whose params
     differ only in the seed share one call (``Request.seed``: the same draws as a call of their own)."""
-    base = [SamplingParams(**{**vars(p), "num_samples": 1, "seed": 0}) for p in params]
-    if len(requests) == 1 or any(b != base[0] for b in base):
-        return [engine.generate([r], SamplingParams(**{**vars(p), "num_samples": 1}))[0][0]
-                for r, p in zip(requests, params)]
-    seeded = [Request(r.question, images=r.images, assistant_prefix=r.assistant_prefix,
-                      max_dynamic_patch=r.max_dynamic_patch, seed=p.seed) for r, p in zip(requests, params)]
-    return [samples[0] for samples in engine.generate(seeded, base[0])]
+    single = [replace(p, num_samples=1) for p in params]
+    shared = replace(single[0], seed=0)
+    if len(requests) == 1 or any(replace(p, seed=0) != shared for p in single):
+        return [engine.generate([r], p)[0][0] for r, p in zip(requests, single)]
+    seeded = [replace(r, seed=p.seed) for r, p in zip(requests, single)]
+    return [samples[0] for samples in engine.generate(seeded, shared)]
 
 
 def build_dropout_ntp_pairs(engine, jobs: list[DropoutNTPJob], *, ratio: float = 0.5) -> list[DropoutNTPResult]:

@@ -16,7 +16,6 @@ its custom ops, CUDA and Triton initialisation), ~2 of the 5 minutes of a GPU de
 
 from __future__ import annotations
 
-import gc
 import os
 import runpy
 import shlex
@@ -170,7 +169,9 @@ def _stage_context(args: list[str], log_path: Path, env: dict[str, str]) -> Iter
         os.environ.clear()
         os.environ.update(saved_env)
         sys.argv, sys.path[:] = saved_argv, saved_path
-        _release_memory()
+        from mpo.model.load import free_memory
+
+        free_memory()
 
 
 def _stream_on(stream, fd: int):
@@ -181,10 +182,3 @@ def _stream_on(stream, fd: int):
     except (AttributeError, OSError, ValueError):
         pass
     return open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-
-
-def _release_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()

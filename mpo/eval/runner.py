@@ -21,7 +21,6 @@ agree); a custom benchmark ``custom:PATH.jsonl`` is named after the file's stem.
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import sys
@@ -302,14 +301,6 @@ def _load_engine(path: Path, cfg: EvalConfig):
                        max_batch_rows=cfg.max_batch_rows)
 
 
-def _free_memory() -> None:
-    """Return a released model's memory (cached CUDA blocks included) before the next one loads."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _check_model_dirs(models: dict[str, Path]) -> None:
     for name, path in models.items():
         if not (path / "config.json").is_file():
@@ -354,7 +345,9 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
                 log(f"{model_name} / {label}: generated {count} in {seconds:.1f} s "
                     f"({count / max(seconds, 1e-9):.2f} questions/s){cut}")
             del engine
-            _free_memory()
+            from mpo.model.load import free_memory  # torch is loaded by now: the engine needed it
+
+            free_memory()
         predictions[model_name] = {label: read_predictions(model_dir / f"{label}.jsonl") for label in tasks}
     return predictions
 

@@ -218,7 +218,7 @@ def prefill_many(pieces: ModelPieces, input_ids: list[list[int]],
         ids_NT[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     ids_NT = ids_NT.to(device)
     embeds = pieces.embed_tokens(ids_NT)
-    num_image_tokens = [sum(t == pieces.image_token_id for t in ids) for ids in input_ids]
+    num_image_tokens = [ids.count(pieces.image_token_id) for ids in input_ids]
     tiles = [0 if p is None else p.shape[0] for p in pixel_values]
     for i, (n, t) in enumerate(zip(num_image_tokens, tiles)):
         if n and not t:

@@ -145,8 +145,11 @@ class FastGenerator:
     def _prefill_next(self, prompts: Sequence[PromptLike], waiting: deque, ready: deque) -> None:
         """Prefill the next waiting prompt(s) and queue (index, prefix) in `ready`, in order."""
         chunk = [waiting.popleft()]
-        while (waiting and len(chunk) < self.prefill_prompts
-               and (len(chunk) + 1) * max(len(prompts[i].input_ids) for i in (*chunk, waiting[0])) <= self.prefill_tokens):
+        longest = len(prompts[chunk[0]].input_ids)
+        while waiting and len(chunk) < self.prefill_prompts:
+            longest = max(longest, len(prompts[waiting[0]].input_ids))
+            if (len(chunk) + 1) * longest > self.prefill_tokens:  # padded tokens of the chunk with it
+                break
             chunk.append(waiting.popleft())
         if len(chunk) == 1:
             prompt = prompts[chunk[0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -82,3 +83,11 @@ def load_processor(model_dir: str | Path):
     if tok.pad_token_id is None:
         raise ValueError(f"{model_dir}: tokenizer has no pad token; set pad_token in tokenizer_config.json")
     return processor
+
+
+def free_memory() -> None:
+    """Return a released model's memory before the next one loads: garbage, then (when CUDA is in use)
+    the allocator's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

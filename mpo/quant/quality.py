@@ -10,7 +10,6 @@ exported checkpoint loaded with ``load_awq_model``, i.e. exactly what inference 
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from mpo.data.template import IGNORE_INDEX
-from mpo.model.load import load_model, resolve_dtype
+from mpo.model.load import free_memory, load_model, resolve_dtype
 from mpo.quant.awq_linear import load_awq_model
 from mpo.quant.calibrate import CalibrationSample, sample_embeddings
 from mpo.quant.quantizer import pseudo_quantize
@@ -69,12 +68,6 @@ def rtn_quantize_(model: nn.Module, group_size: int = 128) -> int:
     return count
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def compare_perplexity(source: str | Path, awq_dir: str | Path, samples: list[CalibrationSample], *,
                        device: str | torch.device, dtype: str | torch.dtype = "bfloat16",
                        group_size: int = 128) -> dict[str, Any]:
@@ -91,11 +84,11 @@ def compare_perplexity(source: str | Path, awq_dir: str | Path, samples: list[Ca
     rtn_quantize_(model, group_size)
     ppl["rtn"] = perplexity(model, samples, device)
     del model
-    _free(device)
+    free_memory()
     model = load_awq_model(awq_dir, device=device, dtype=dtype)
     ppl["awq"] = perplexity(model, samples, device)
     del model
-    _free(device)
+    free_memory()
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "num_samples": len(samples),
