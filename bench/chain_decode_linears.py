@@ -6,8 +6,11 @@ A single kernel timed alone hides what a decode step pays per launch (launch lat
 weight bytes' latency, the split-K hand-off). This replays the 4B shape's four decoder linears per
 layer for `--layers` layers (distinct weights, 12 layers = 460 MB of int4, far above L2) in one graph
 and reports microseconds per layer and the achieved weight bandwidth, for: bf16 `F.linear`, the
-AWQ-layout kernel (`w4a16_gemm`), the K-major kernel, and the K-major kernel with programmatic
-dependent launch (each kernel streams its weights while the previous one finishes).
+AWQ-layout kernel (`w4a16_gemm`), the K-major kernel, the K-major kernel with programmatic
+dependent launch (each kernel streams its weights while the previous one finishes), and, as an
+outside reference, torch's own int4 CUDA kernel (`torch._weight_int4pack_mm`, gpt-fast's
+"tinygemm"; batch 1 only). The same variants are also timed per shape (each shape chained over
+enough weight copies to exceed L2).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
-from bench.bench_kernels import GROUP_SIZE, copy_bandwidth_gbs, median_event_ms, random_awq  # noqa: E402
+from bench.bench_kernels import GROUP_SIZE, copy_bandwidth_gbs, median_event_ms, num_copies, random_awq  # noqa: E402
 from mpo.infer.kernels import w4a16_gemm  # noqa: E402
 from mpo.infer.kernels.w4a16_kmajor import repack_kmajor, w4a16_kmajor_gemm  # noqa: E402
+from mpo.quant.pack import unpack_awq_gemm  # noqa: E402
 
 LINEARS = (("qkv", 2048, 2560), ("o", 2048, 2048), ("gate_up", 2048, 22016), ("down", 11008, 2048))
 
@@ -57,6 +61,45 @@ def _tiny_kernel(x_ptr, y_ptr, PDL: tl.constexpr):
         gdc_wait()
     offs = tl.program_id(0) * 128 + tl.arange(0, 128)
     tl.store(y_ptr + offs, tl.load(x_ptr + offs) + 1.0)
+
+
+def tinygemm_weights(qweight, qzeros, scales):
+    """An AutoAWQ linear in tinygemm's layout. tinygemm computes ``(q - 8) * scale + zero`` with a
+    float zero, so AWQ's ``(q - z) * scale`` needs zero = (8 - z) * scale rounded to bf16: close to,
+    not bit-exact with, our kernels (the relative error is reported)."""
+    q_IO, zeros_GO = unpack_awq_gemm(qweight, qzeros)
+    q = q_IO.t().contiguous()  # [N, K]
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    s = scales.float()
+    sz = torch.stack([s, (8 - zeros_GO.float()) * s], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
+    return packed, sz
+
+
+def tinygemm(x, w):
+    return torch._weight_int4pack_mm(x, w[0], GROUP_SIZE, w[1])
+
+
+def per_shape(dev, gen, copy_gbs, l2_bytes) -> list[dict]:
+    """Each decode shape at M = 1, chained over enough distinct weight copies to exceed L2."""
+    rows = []
+    for name, k, n in LINEARS:
+        nbytes = k * n // 2 + (k // GROUP_SIZE) * n * 3
+        copies = num_copies(nbytes, l2_bytes)
+        awq = [random_awq(k, n, dev, gen) for _ in range(copies)]
+        x = torch.randn((1, k), generator=gen, device=dev).to(torch.bfloat16)
+        km = [repack_kmajor(*w, GROUP_SIZE) for w in awq]
+        tg = [tinygemm_weights(*w) for w in awq]
+        ref = w4a16_kmajor_gemm(x, km[0]).float()
+        rel_err = float((tinygemm(x, tg[0]).float() - ref).abs().max() / ref.abs().max())
+        for variant, calls in (("kmajor", [lambda w=w: w4a16_kmajor_gemm(x, w) for w in km]),
+                               ("torch_int4pack", [lambda w=w: tinygemm(x, w) for w in tg])):
+            us = graph_ms(calls) * 1e3 / copies
+            rows.append({"shape": name, "K": k, "N": n, "variant": variant, "us": us, "gbs": nbytes / us / 1e3,
+                         "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs,
+                         **({"max_rel_err_vs_kmajor": rel_err} if variant == "torch_int4pack" else {})})
+            print(f"{name:<8} {variant:<15} {us:6.2f} us {nbytes / us / 1e3:6.0f} GB/s", flush=True)
+        del awq, km, tg
+    return rows
 
 
 def launch_floor_us(pdl: bool, calls: int = 200) -> float:
@@ -91,6 +134,7 @@ def main(argv=None) -> int:
         # Same inputs, same outputs: the PDL and plain K-major kernels must agree bit for bit.
         w0 = kmajor[0]["gate_up"]
         same = torch.equal(w4a16_kmajor_gemm(xs[2048], w0), w4a16_kmajor_gemm(xs[2048], w0, pdl=2))
+        tg_layers = [{name: tinygemm_weights(*w[name]) for name, _, _ in LINEARS} for w in layers] if m == 1 else []
         variants = {
             "awq_layout": lambda: [lambda w=w[name], k=k: w4a16_gemm(xs[k], *w, group_size=GROUP_SIZE)
                                    for w in layers for name, k, _ in LINEARS],
@@ -101,6 +145,9 @@ def main(argv=None) -> int:
             "kmajor_pdl_prefetch": lambda: [lambda w=w[name], k=k: w4a16_kmajor_gemm(xs[k], w, pdl=2)
                                             for w in kmajor for name, k, _ in LINEARS],
         }
+        if tg_layers:
+            variants["torch_int4pack"] = lambda: [lambda w=w[name], k=k: tinygemm(xs[k], w)
+                                                  for w in tg_layers for name, k, _ in LINEARS]
         for name, make in variants.items():
             try:
                 ms = graph_ms(make())
@@ -124,6 +171,7 @@ def main(argv=None) -> int:
                                 "pct_copy": 100 * bf16_bytes / us / 1e3 / copy_gbs})
         print(f"M={m} bf16_linear  {us:7.1f} us/layer {bf16_bytes / us / 1e3:6.0f} GB/s")
         del wb
+    results["per_shape_m1"] = per_shape(dev, gen, copy_gbs, torch.cuda.get_device_properties(dev).L2_cache_size)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; int4 bytes per layer {int4_bytes / 1e6:.1f} MB")
     out = Path(args.out or Path(os.environ.get("OUT", ".")) / "chain_decode_linears.json")
     out.write_text(json.dumps(results, indent=1))
