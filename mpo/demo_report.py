@@ -4,8 +4,9 @@ Reads what the stages wrote under the demo directory (``eval/results.json``, ``p
 ``sft/metrics.jsonl``, ``mpo/metrics.jsonl``, ``mpo_awq/awq_report.json``) and writes:
 
 - ``report.json``: ``{"seed", "device", "settings", "accuracy": {"sft", "mpo", "mpo_awq"} (percent of
-  held-out questions right), "accuracy_by_kind", "deltas", "answer_priors", "pairs", "training", "awq",
-  "timings_s", "table"}``.
+  held-out questions right), "accuracy_by_kind", "deltas", "paired" (per compared stage: questions only
+  one model gets right and McNemar's exact p, ``mpo.eval.paired``), "answer_priors", "pairs",
+  "training", "awq", "timings_s", "table"}``.
 - ``report.md``: the same as tables, with the figures below.
 - ``sft_curves.png`` (SFT loss), ``mpo_curves.png`` (MPO losses, rewards, reward accuracy),
   ``accuracy.png`` (accuracy per stage).
@@ -142,16 +143,45 @@ def answer_priors(out_dir: Path) -> dict:
             "modal_answer_share": {"ground_truth": truth_share, **shares}}
 
 
+PAIRED = (("mpo_vs_sft", "sft", "mpo"), ("mpo_awq_vs_mpo", "mpo", "mpo_awq"))
+
+
+def paired_statistics(out_dir: Path) -> dict[str, dict]:
+    """Paired comparisons on the held-out questions: MPO against SFT, MPO-AWQ against MPO."""
+    from mpo.eval.benchmarks import load_benchmark
+    from mpo.eval.paired import paired_comparison
+    from mpo.eval.runner import read_predictions
+    from mpo.eval.scorers import custom_item_values
+
+    items = load_benchmark(f"custom:{out_dir / 'task' / 'eval_items' / f'{BENCHMARK}.jsonl'}")
+    values = {}
+    for name in EVAL_MODELS:
+        rows = read_predictions(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")
+        values[name] = custom_item_values(items, {k: r["prediction"] for k, r in rows.items()}, cot=True)
+    return {key: paired_comparison(values[a], values[b]) for key, a, b in PAIRED}
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def accuracy_table(overall: dict[str, float], num_test: int) -> str:
-    """Markdown table: accuracy per stage and its change against SFT (percentage points)."""
-    lines = [f"| model | held-out accuracy (%, {num_test} questions) | vs SFT (points) |", "|---|---:|---:|"]
+def accuracy_table(overall: dict[str, float], num_test: int, paired: dict[str, dict] | None = None) -> str:
+    """Markdown table: accuracy per stage, its change against SFT (percentage points) and, with
+    ``paired``, each stage against the one before it: questions only either gets right, McNemar's p."""
+    head = f"| model | held-out accuracy (%, {num_test} questions) | vs SFT (points) |"
+    rule = "|---|---:|---:|"
+    if paired:
+        head += " vs previous stage: only previous / only this right | McNemar p |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    against = {b: key for key, _, b in PAIRED}
     for name in EVAL_MODELS:
         delta = "" if name == "sft" else f"{overall[name] - overall['sft']:+.1f}"
-        lines.append(f"| {MODEL_LABELS[name]} | {overall[name]:.1f} | {delta} |")
+        row = f"| {MODEL_LABELS[name]} | {overall[name]:.1f} | {delta} |"
+        if paired:
+            cmp = paired.get(against.get(name, ""))
+            row += (f" {cmp['first_only']} / {cmp['second_only']} | {cmp['mcnemar_p']:.3f} |" if cmp else " | |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -269,7 +299,8 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
     sft_rows, mpo_rows = read_metrics(out_dir / "sft" / "metrics.jsonl"), read_metrics(out_dir / "mpo" / "metrics.jsonl")
     awq_path = out_dir / "mpo_awq" / "awq_report.json"
     awq = _read_json(awq_path) if awq_path.is_file() else {}
-    table = accuracy_table(overall, settings.num_test)
+    paired = paired_statistics(out_dir)
+    table = accuracy_table(overall, settings.num_test, paired)
     report = {
         "seed": seed,
         "device": device,
@@ -278,6 +309,7 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
         "accuracy_by_kind": by_kind,
         "deltas": {"mpo_minus_sft": round(overall["mpo"] - overall["sft"], 2),
                    "mpo_awq_minus_mpo": round(overall["mpo_awq"] - overall["mpo"], 2)},
+        "paired": paired,
         "answer_priors": answer_priors(out_dir),
         "pairs": pairs,
         "training": {"sft": training_summary(sft_rows), "mpo": training_summary(mpo_rows)},
@@ -305,6 +337,10 @@ def _markdown(report: dict, by_kind: dict, pairs: dict, timings: dict) -> str:
         "## Held-out accuracy",
         "",
         report["table"],
+        "",
+        "McNemar's exact test asks whether the questions that only one of two models gets right split "
+        "more unevenly than chance; p above 0.05 means the change is within what "
+        f"{report['paired']['mpo_vs_sft']['num_items']} questions can tell apart.",
         "",
         "![accuracy](accuracy.png)",
         "",

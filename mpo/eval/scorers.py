@@ -363,6 +363,14 @@ def _score_custom(items: list[Item], lookup, missing: int, cot: bool) -> dict:
     return result
 
 
+def custom_item_values(items: list[Item], predictions: dict, *, cot: bool = False) -> dict[str, float]:
+    """Per-question values of a custom benchmark, ``{str(index): value}`` (1/0, or the ANLS
+    similarity): what ``score`` averages, kept per question for paired comparisons
+    (``mpo.eval.paired``). Items without a prediction count as 0."""
+    lookup, _ = _prediction_lookup(items, predictions)
+    return {str(item.index): _custom_value(item, lookup(item), cot) for item in items}
+
+
 _SCORERS = {
     "mcq": _score_mcq,
     "circular_mcq": _score_circular,

@@ -51,6 +51,10 @@ def test_quick_demo_report_json(quick_demo):
         assert 0 <= value <= 100
         assert abs(value * QUICK.num_test / 100 - round(value * QUICK.num_test / 100)) < 0.01
     assert report["deltas"]["mpo_minus_sft"] == pytest.approx(report["accuracy"]["mpo"] - report["accuracy"]["sft"])
+    for key, first, second in (("mpo_vs_sft", "sft", "mpo"), ("mpo_awq_vs_mpo", "mpo", "mpo_awq")):
+        cmp = report["paired"][key]  # the discordant questions explain the accuracy change exactly
+        assert cmp["num_items"] == QUICK.num_test and 0.0 <= cmp["mcnemar_p"] <= 1.0
+        assert cmp["net_points"] == pytest.approx(report["accuracy"][second] - report["accuracy"][first], abs=0.01)
     priors = report["answer_priors"]
     assert set(priors["modal_answer_share"]) == {"ground_truth", *EVAL_MODELS}
     for value in [priors["train_majority"], priors["build_majority"], *priors["modal_answer_share"].values()]:
@@ -220,6 +224,12 @@ def test_accuracies_and_table_hand_worked():
     assert table.splitlines()[2] == "| SFT | 40.0 |  |"
     assert table.splitlines()[3] == "| MPO | 47.5 | +7.5 |"
     assert table.splitlines()[4] == "| MPO-AWQ (4-bit) | 47.0 | +7.0 |"
+    paired = {"mpo_vs_sft": {"first_only": 3, "second_only": 18, "mcnemar_p": 0.0015},
+              "mpo_awq_vs_mpo": {"first_only": 2, "second_only": 1, "mcnemar_p": 1.0}}
+    lines = accuracy_table(overall, 200, paired).splitlines()
+    assert lines[0].endswith("| McNemar p |") and lines[2] == "| SFT | 40.0 |  | | |"
+    assert lines[3] == "| MPO | 47.5 | +7.5 | 3 / 18 | 0.002 |"
+    assert lines[4] == "| MPO-AWQ (4-bit) | 47.0 | +7.0 | 2 / 1 | 1.000 |"
     with pytest.raises(ValueError, match="mpo_awq"):
         accuracies({"sft": results["sft"], "mpo": results["mpo"]})
 

@@ -23,7 +23,7 @@ from mpo.eval.extract import (
     numbers_match,
 )
 from mpo.eval.report import render_markdown, write_results
-from mpo.eval.scorers import score
+from mpo.eval.scorers import custom_item_values, score
 
 
 def _png_base64() -> str:
@@ -468,3 +468,16 @@ def test_answer_span_positions_survive_case_folding():
     # "İ".lower() is two code points: a lowercase copy would shift every later position
     assert answer_span("İİ Final answer: B", cot=True) == " B"
     assert answer_span("FINAL ANSWER: c ... final answer: D", cot=True) == " D"
+
+
+def test_custom_item_values_are_what_score_averages(tmp_path):
+    rows = [{"index": 0, "question": "How many?", "answer": "3", "scorer": "number", "category": "count"},
+            {"index": 1, "question": "Any red?", "answer": "yes", "scorer": "yesno", "category": "exist"},
+            {"index": "c", "question": "Which?", "options": ["cat", "dog"], "answer": "B", "scorer": "choice"}]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    items = load_benchmark(f"custom:{path}")
+    predictions = {0: "Three squares... Final answer: 3", "1": "Final answer: no"}  # "c" has no prediction
+    values = custom_item_values(items, predictions, cot=True)
+    assert values == {"0": 1.0, "1": 0.0, "c": 0.0}
+    assert score(f"custom:{path}", items, predictions, cot=True)["overall"] == pytest.approx(100 / 3)
