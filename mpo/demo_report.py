@@ -121,8 +121,23 @@ def modal_answer_share(kinds: list[str], answers: list[str | None]) -> float:
     return round(100.0 * sum(c.most_common(1)[0][1] for c in per_kind.values()) / len(kinds), 2)
 
 
-def answer_priors(out_dir: Path) -> dict:
-    """Majority baselines of the demo's task and each evaluated model's modal answer share (percent)."""
+def read_predictions(out_dir: Path) -> dict[str, dict[str, dict]]:
+    """Each evaluated model's held-out predictions, ``{model: {str(index): row}}`` (read once, used by
+    the answer priors and the paired comparisons)."""
+    from mpo.eval.runner import read_predictions as read_file
+
+    out = {}
+    for name in EVAL_MODELS:
+        path = out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: its stage did not finish (see the logs/ folder)")
+        out[name] = read_file(path)
+    return out
+
+
+def answer_priors(out_dir: Path, predictions: dict[str, dict[str, dict]]) -> dict:
+    """Majority baselines of the demo's task and each evaluated model's modal answer share (percent);
+    ``predictions`` as `read_predictions` gives them."""
     from data_pipeline.answers import extract_final_answer
 
     def records(split: str) -> list[dict]:
@@ -133,10 +148,9 @@ def answer_priors(out_dir: Path) -> dict:
     truth_share = modal_answer_share(kinds, [r["answer"] for r in test])
     shares = {}
     for name in EVAL_MODELS:
-        rows = _read_jsonl(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")
+        rows = sorted(predictions[name].values(), key=lambda row: row["index"])
         if len(rows) != len(test):
             raise ValueError(f"{name}: {len(rows)} predictions for {len(test)} test questions")
-        rows.sort(key=lambda row: row["index"])
         shares[name] = modal_answer_share(kinds, [extract_final_answer(row["prediction"]) for row in rows])
     return {"train_majority": majority_baseline(records("train"), test),
             "build_majority": majority_baseline(records("build"), test),
@@ -146,18 +160,15 @@ def answer_priors(out_dir: Path) -> dict:
 PAIRED = (("mpo_vs_sft", "sft", "mpo"), ("mpo_awq_vs_mpo", "mpo", "mpo_awq"))
 
 
-def paired_statistics(out_dir: Path) -> dict[str, dict]:
+def paired_statistics(out_dir: Path, predictions: dict[str, dict[str, dict]]) -> dict[str, dict]:
     """Paired comparisons on the held-out questions: MPO against SFT, MPO-AWQ against MPO."""
     from mpo.eval.benchmarks import load_benchmark
     from mpo.eval.paired import paired_comparison
-    from mpo.eval.runner import read_predictions
     from mpo.eval.scorers import custom_item_values
 
     items = load_benchmark(f"custom:{out_dir / 'task' / 'eval_items' / f'{BENCHMARK}.jsonl'}")
-    values = {}
-    for name in EVAL_MODELS:
-        rows = read_predictions(out_dir / "eval" / "predictions" / name / f"{BENCHMARK}.jsonl")
-        values[name] = custom_item_values(items, {k: r["prediction"] for k, r in rows.items()}, cot=True)
+    values = {name: custom_item_values(items, {k: r["prediction"] for k, r in rows.items()}, cot=True)
+              for name, rows in predictions.items()}
     return {key: paired_comparison(values[a], values[b]) for key, a, b in PAIRED}
 
 
@@ -299,7 +310,8 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
     sft_rows, mpo_rows = read_metrics(out_dir / "sft" / "metrics.jsonl"), read_metrics(out_dir / "mpo" / "metrics.jsonl")
     awq_path = out_dir / "mpo_awq" / "awq_report.json"
     awq = _read_json(awq_path) if awq_path.is_file() else {}
-    paired = paired_statistics(out_dir)
+    predictions = read_predictions(out_dir)
+    paired = paired_statistics(out_dir, predictions)
     table = accuracy_table(overall, settings.num_test, paired)
     report = {
         "seed": seed,
@@ -310,7 +322,7 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
         "deltas": {"mpo_minus_sft": round(overall["mpo"] - overall["sft"], 2),
                    "mpo_awq_minus_mpo": round(overall["mpo_awq"] - overall["mpo"], 2)},
         "paired": paired,
-        "answer_priors": answer_priors(out_dir),
+        "answer_priors": answer_priors(out_dir, predictions),
         "pairs": pairs,
         "training": {"sft": training_summary(sft_rows), "mpo": training_summary(mpo_rows)},
         "awq": {"total_time_s": awq.get("total_time_s")},
