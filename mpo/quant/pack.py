@@ -44,6 +44,7 @@ _NIBBLE_MASK = 0xF
 
 # UNPACK is the inverse permutation of PACK: column j lives in nibble UNPACK[j].
 assert all(AWQ_PACK_ORDER[AWQ_UNPACK_ORDER[j]] == j for j in range(PACK_FACTOR))
+assert AWQ_UNPACK_ORDER == tuple(j // 2 + (PACK_FACTOR // 2) * (j % 2) for j in range(PACK_FACTOR))
 
 
 def _check_int_matrix(name: str, t: torch.Tensor) -> None:
@@ -84,7 +85,10 @@ def _unpack_cols(packed_RC: torch.Tensor) -> torch.Tensor:
     u = packed_RC.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(PACK_FACTOR, device=u.device, dtype=torch.int64) * _BITS
     nibbles_RCE = (u[..., None] >> shifts) & _NIBBLE_MASK
-    order = torch.tensor(AWQ_UNPACK_ORDER, device=u.device)
+    # AWQ_UNPACK_ORDER[j] = j // 2 + 4 * (j % 2), computed on the device: a host tensor copied to the GPU
+    # would fail inside CUDA graph capture (the fp32 fallback of WQLinear dequantizes on every call).
+    steps = torch.arange(PACK_FACTOR, device=u.device, dtype=torch.int64)
+    order = steps // 2 + (PACK_FACTOR // 2) * (steps % 2)
     # Column j of each block of 8 is nibble UNPACK[j].
     values_RCE = nibbles_RCE.index_select(-1, order)
     return values_RCE.reshape(rows, cols * PACK_FACTOR).to(torch.int32)

@@ -201,6 +201,21 @@ def test_awq_model_decodes_with_w4a16_kernels(tiny_model_dir, requests_):
 
 
 @native_kernels
+def test_awq_model_decodes_in_fp32_under_cuda_graphs(tiny_model_dir, requests_):
+    """fp32 activations take WQLinear's dequantize fallback on every call, also inside graph capture
+    (it once built a host tensor there and failed); greedy tokens equal transformers' generate."""
+    fast = Engine.load(tiny_model_dir, device="cuda", dtype="fp32")
+    _quantize_decoder_linears(fast.model)
+    fast.generator = FastGenerator(fast.model, stop_id=fast.stop_id)
+    assert fast.generator.use_graphs and not fast.generator.use_fused
+    hf = Engine(fast.model, fast.processor, device=torch.device("cuda"), backend="hf")
+    params = SamplingParams(max_new_tokens=12)
+    got, want = fast.generate(requests_, params), hf.generate(requests_, params)
+    assert [s[0].token_ids for s in got] == [s[0].token_ids for s in want]
+    assert fast.stats.num_graph_captures == 1
+
+
+@native_kernels
 def test_prefix_sharing_refill_and_graph_reuse(tiny_model_dir, requests_):
     engine = Engine(*_load_parts(tiny_model_dir), device=torch.device("cuda"), max_batch_rows=4)
     params = SamplingParams(max_new_tokens=10, temperature=0.8, num_samples=4, seed=7)
