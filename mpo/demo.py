@@ -17,10 +17,12 @@ this process unless --separate-processes (``mpo.demo_stages``: same outputs, les
           correctness; a share of questions has its answer withheld and goes through Dropout-NTP.
 5. mpo    ``launch/train.py +exp=demo_mpo``: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT) from the SFT model.
 6. awq    ``python -m mpo.export_awq``: 4-bit AWQ of the MPO model, calibrated on the pairs.
-7. eval   ``python -m mpo.evaluate``: SFT, MPO and MPO-AWQ on the held-out test split (greedy, CoT).
+7. eval   ``python -m mpo.evaluate``: SFT, MPO and MPO-AWQ on the held-out test split (greedy, CoT), plus
+          the SFT model's K sampled answers per question (``samples=K``: mean@K, maj@K, pass@K).
 8. report ``report.md`` / ``report.json`` / PNG curves (``mpo.demo_report``); the table is printed. The
           report also gives what per-kind answer priors alone score, so a gain that is only a shift of the
-          answer distribution shows as one.
+          answer distribution shows as one, and the SFT model's maj@K − greedy: how much choosing among
+          its own samples, what preference pairs of those samples teach, could gain.
 """
 
 from __future__ import annotations
@@ -204,12 +206,18 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", setting
     models = {"sft": out / "sft" / "final", "mpo": out / "mpo" / "final", "mpo_awq": out / "mpo_awq"}
     assert tuple(models) == EVAL_MODELS
     model_map = "{" + ",".join(f"{name}:{_hydra_str(path)}" for name, path in models.items()) + "}"
+    # Room for every sample of a call at once: on a GPU this tiny model's decode steps cost about the same
+    # for 256 or 1024 rows, so fewer, wider waves are faster (greedy calls use eval_batch_size rows anyway).
+    eval_rows = max(settings.decode_rows, settings.eval_batch_size * settings.consistency_samples)
     stages.run("eval", [
         sys.executable, "-m", "mpo.evaluate", f"model={model_map}",
         f"benchmarks=[{_hydra_str('custom:' + str(_benchmark_with_kinds(task)))}]",
         f"output_dir={_hydra_str(out / 'eval')}", "cot=true", f"max_new_tokens={settings.max_new_tokens}",
-        f"batch_size={settings.eval_batch_size}", f"max_batch_rows={settings.decode_rows}", "max_tiles=1",
+        f"batch_size={settings.eval_batch_size}", f"max_batch_rows={eval_rows}", "max_tiles=1",
         "system_prompt=", f"device={device}", "progress=false",
+        # The SFT model's maj@K against its greedy answer: how much sharpening its own samples could give.
+        *([f"samples={settings.consistency_samples}", f"sample_temperature={settings.temperature}",
+           f"sample_seed={seed}", "sample_models=[sft]"] if settings.consistency_samples else []),
     ])
 
     stages.close()

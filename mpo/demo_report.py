@@ -5,7 +5,8 @@ Reads what the stages wrote under the demo directory (``eval/results.json``, ``p
 
 - ``report.json``: ``{"seed", "device", "settings", "accuracy": {"sft", "mpo", "mpo_awq"} (percent of
   held-out questions right), "accuracy_by_kind", "deltas", "paired" (per compared stage: questions only
-  one model gets right and McNemar's exact p, ``mpo.eval.paired``), "answer_priors", "pairs",
+  one model gets right and McNemar's exact p, ``mpo.eval.paired``), "answer_priors",
+  "self_consistency" (per model: greedy, mean@K, maj@K, pass@K; ``mpo.eval.consistency``), "pairs",
   "training", "awq", "timings_s", "table"}``.
 - ``report.md``: the same as tables, with the figures below.
 - ``sft_curves.png`` (SFT loss), ``mpo_curves.png`` (MPO losses, rewards, reward accuracy),
@@ -57,6 +58,17 @@ def accuracies(results: dict) -> tuple[dict[str, float], dict[str, dict[str, flo
         overall[name] = round(float(score["overall"]), 2)
         by_kind[name] = {kind: round(float(v), 2) for kind, v in score.get("categories", {}).items()}
     return overall, by_kind
+
+
+def self_consistency(results: dict) -> dict[str, dict]:
+    """Each model's self-consistency scores (greedy, mean@K, maj@K, pass@K; ``mpo.eval.consistency``)
+    from results.json, rounded; empty when the evaluation sampled nothing (``consistency_samples=0``)."""
+    found = {}
+    for name in EVAL_MODELS:
+        scores = results.get(name, {}).get(BENCHMARK, {}).get("self_consistency")
+        if scores:
+            found[name] = {key: round(value, 2) if isinstance(value, float) else value for key, value in scores.items()}
+    return found
 
 
 def pair_statistics(stats: dict) -> dict:
@@ -245,6 +257,24 @@ def _priors_section(report: dict) -> str:
     return "\n".join(text)
 
 
+def _consistency_section(report: dict) -> list[str]:
+    found = report["self_consistency"]
+    if not found:
+        return []
+    first = next(iter(found.values()))
+    k, temperature = first["k"], first["temperature"]
+    lines = ["### What sharpening could gain", "",
+             f"Each model also sampled {k} answers per held-out question at temperature {temperature} (the pair "
+             "builder's). maj@K is the answer most samples give, pass@K whether any is right. Preference pairs "
+             "of the SFT model's own samples teach it to prefer its right answers to its wrong ones; the SFT "
+             "model's maj@K − greedy estimates what that reordering can gain when the pairs add nothing new "
+             "(pass@K counts many lucky samples: most questions have only a few possible answers).", "",
+             "| model | greedy | mean@K | maj@K | pass@K | maj@K − greedy |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {MODEL_LABELS[m]} | {sc['greedy']:.1f} | {sc['mean']:.1f} | {sc['majority']:.1f} | {sc['pass']:.1f} | "
+              f"{sc['majority_minus_greedy']:+.1f} |" for m, sc in found.items()]
+    return lines + [""]
+
+
 def _timings_table(timings: dict[str, float]) -> str:
     lines = ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {timings[name]:.1f} |" for name in TIMED_STAGES if name in timings]
@@ -305,7 +335,8 @@ def _plot_accuracy(overall: dict[str, float], path: Path) -> None:
 
 def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: dict[str, float]) -> dict:
     """Write report.json, report.md and the PNGs into ``out_dir``; return the report dict."""
-    overall, by_kind = accuracies(_read_json(out_dir / "eval" / "results.json"))
+    results = _read_json(out_dir / "eval" / "results.json")
+    overall, by_kind = accuracies(results)
     pairs = pair_statistics(_read_json(out_dir / "pairs" / "stats.json"))
     sft_rows, mpo_rows = read_metrics(out_dir / "sft" / "metrics.jsonl"), read_metrics(out_dir / "mpo" / "metrics.jsonl")
     awq_path = out_dir / "mpo_awq" / "awq_report.json"
@@ -323,6 +354,7 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
                    "mpo_awq_minus_mpo": round(overall["mpo_awq"] - overall["mpo"], 2)},
         "paired": paired,
         "answer_priors": answer_priors(out_dir, predictions),
+        "self_consistency": self_consistency(results),
         "pairs": pairs,
         "training": {"sft": training_summary(sft_rows), "mpo": training_summary(mpo_rows)},
         "awq": {"total_time_s": awq.get("total_time_s")},
@@ -364,6 +396,7 @@ def _markdown(report: dict, by_kind: dict, pairs: dict, timings: dict) -> str:
         "",
         _priors_section(report),
         "",
+        *_consistency_section(report),
         "## Preference pairs (built from the SFT model's own samples)",
         "",
         _pairs_section(pairs),

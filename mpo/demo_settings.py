@@ -33,6 +33,7 @@ class DemoSettings:
     dropout_ntp_share: float = 0.2  # share of build questions whose answer is withheld (Dropout-NTP)
     awq_calibration_samples: int = 64  # chosen answers (with images) the AWQ scales are fitted on
     eval_batch_size: int = 128  # requests per generate call during evaluation
+    consistency_samples: int = 8  # K answers sampled per held-out question at `temperature` (maj@K, pass@K); 0 = off
     decode_rows: int = 256  # answers the engine decodes at once (pair building and evaluation)
     sft_overrides: tuple[str, ...] = ()  # extra Hydra overrides for the SFT trainer run, e.g. "optim.lr=1e-3"
     mpo_overrides: tuple[str, ...] = ()  # extra Hydra overrides for the MPO trainer run, e.g. "loss.beta=0.3"
@@ -48,6 +49,9 @@ class DemoSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name}={value!r} must be a positive integer (or None for the experiment's)")
+        if isinstance(self.consistency_samples, bool) or not isinstance(self.consistency_samples, int) \
+                or self.consistency_samples == 1 or self.consistency_samples < 0:
+            problems.append(f"consistency_samples={self.consistency_samples!r} must be 0 (off) or an integer >= 2")
         if self.samples_per_question < 2:
             problems.append("samples_per_question must be >= 2: a pair needs a right and a wrong answer")
         if not 0 <= self.dropout_ntp_share <= 1:
@@ -113,6 +117,6 @@ FULL = DemoSettings()
 # CI / smoke preset: every stage runs for real on a few questions; accuracies are not meaningful.
 QUICK = replace(FULL, num_train=32, num_build=12, num_test=12, sft_steps=10, mpo_steps=4,
                 samples_per_question=4, pairs_per_question=2, max_new_tokens=64, dropout_ntp_share=0.5,
-                awq_calibration_samples=8)
+                awq_calibration_samples=8, consistency_samples=2)
 
 PRESETS = {"full": FULL, "quick": QUICK}

@@ -4,10 +4,13 @@
     python -m mpo.evaluate 'model=[ckpt/InternVL2_5-4B,ckpt/InternVL2_5-4B-MPO]' cot=true output_dir=out/cmp
     python -m mpo.evaluate predictions=preds.jsonl benchmarks=[mmstar] data_root=$HOME/LMUData output_dir=out/score
     python -m mpo.evaluate model=runs/tiny/final 'benchmarks=[custom:/data/synth/test/synthetic.jsonl]' limit=20
+    python -m mpo.evaluate model=runs/tiny/final 'benchmarks=[custom:/data/synth/test/synthetic.jsonl]' cot=true samples=8
 
 Keys (configs/evaluate.yaml, typed by mpo.eval.runner.EvalConfig, so a misspelt key fails): model,
 benchmarks, data_root, output_dir, predictions, cot, max_new_tokens, batch_size, limit, device, dtype,
-system_prompt, max_tiles, progress. Rerunning the same command resumes from the saved predictions.
+system_prompt, max_tiles, progress, samples, sample_temperature, sample_seed (samples=K also samples K
+answers per question of a custom benchmark and reports mean@K, maj@K and pass@K beside the greedy score).
+Rerunning the same command resumes from the saved predictions.
 A user error (missing file, unknown benchmark, bad value) prints one message and exits with status 2.
 """
 

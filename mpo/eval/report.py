@@ -8,7 +8,8 @@ results.json shape:
 - one model:      ``{benchmark: score_dict}``
 - several models: ``{model_name: {benchmark: score_dict}}`` (models in the order given)
 where ``score_dict`` is what ``mpo.eval.scorers.score`` returns (at least ``overall`` and
-``categories``, 0–100). report.md shows each model's ``overall`` with the delta to the first model.
+``categories``, 0–100). report.md shows each model's ``overall`` with the delta to the first model, and a
+self-consistency table when scores carry ``self_consistency`` (``samples=K`` runs).
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def _markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _consistency_section(results: dict) -> list[str]:
+    """Lines of the self-consistency table (``samples=K`` runs; see mpo.eval.consistency), or none."""
+    rows = [(model, bench, scores["self_consistency"]) for model in results
+            for bench, scores in results[model].items() if isinstance(scores.get("self_consistency"), dict)]
+    if not rows:
+        return []
+    lines = ["## Self-consistency", "",
+             "K answers sampled per question besides the greedy one: mean@K (average sample), maj@K (the answer "
+             "most samples give), pass@K (any sample right). maj@K − greedy is what choosing among the model's "
+             "own answers could gain.", "",
+             "| model | benchmark | K | T | greedy | mean@K | maj@K | pass@K | maj@K − greedy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, bench, sc in rows:
+        lines.append(f"| {model} | {bench} | {sc['k']} | {sc.get('temperature', '')} | {sc['greedy']:.1f} | "
+                     f"{sc['mean']:.1f} | {sc['majority']:.1f} | {sc['pass']:.1f} | {sc['majority_minus_greedy']:+.1f} |")
+    return lines + [""]
+
+
 def render_markdown(results: dict[str, dict[str, dict]]) -> str:
     """Return report.md's text: a benchmark × model table of ``overall`` (0–100) with deltas vs the
     first model in parentheses, then per-benchmark notes (missing predictions, judge-only items)."""
@@ -78,6 +97,7 @@ def render_markdown(results: dict[str, dict[str, dict]]) -> str:
     else:
         parts += ["Scores are 0–100.", ""]
     parts += [_markdown_table(results), ""]
+    parts += _consistency_section(results)
     notes = []
     for model in models:
         for bench, scores in results[model].items():

@@ -13,6 +13,9 @@ Layout under ``output_dir``:
 - ``predictions/{model_name}/{benchmark}.settings.json``: what produced them (model path, cot,
   max_new_tokens, max_tiles, system prompt); resuming under other settings is refused, because mixing
   answers from two settings in one score would be silently wrong.
+- with ``samples=K`` (custom benchmarks): ``predictions/{model_name}/{benchmark}.samples.jsonl`` holds
+  K answers per question sampled at ``sample_temperature``, and each score gets ``self_consistency``
+  (greedy, mean@K, maj@K and pass@K: :mod:`mpo.eval.consistency`).
 - ``results.json``, ``report.md``, ``scores.png``: see :mod:`mpo.eval.report`.
 
 ``model_name`` is the checkpoint's directory name (made unique by prefixing the parent directory when two
@@ -25,6 +28,7 @@ import json
 import re
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +45,18 @@ from mpo.eval.benchmarks import (
     get_benchmark,
     load_benchmark,
 )
+from mpo.eval.consistency import self_consistency
+from mpo.eval.prediction_files import (
+    append_predictions,
+    pending_items,
+    read_predictions,
+    read_samples,
+    settings_path,
+)
 from mpo.eval.report import write_results
 from mpo.eval.scorers import score
+
+__all__ = ["EvalConfig", "benchmark_labels", "name_models", "pending_items", "read_predictions", "run_evaluation"]
 
 COT_MAX_NEW_TOKENS = 1024  # room for step-by-step reasoning before "Final answer:"
 DIRECT_MAX_NEW_TOKENS = 64  # a letter, a word or a short phrase
@@ -75,6 +89,10 @@ class EvalConfig:
     system_prompt: str = "default"  # "default" = InternVL2.5's; "" = no system turn; else the text
     max_tiles: int | None = None  # None = each benchmark's default (6; 12 MMMU; 24 OCRBench)
     progress: bool = True  # tqdm bar with questions/s
+    samples: int = 0  # K >= 2: also sample K answers per question (custom benchmarks): mean@K, maj@K, pass@K
+    sample_temperature: float = 0.7  # temperature of those samples
+    sample_seed: int = 0  # seed of those samples (each question's own stream: batching and resume keep them)
+    sample_models: list[str] | None = None  # names (as in the report) of the models that sample; None = all
 
     def __post_init__(self):
         problems = []
@@ -118,8 +136,33 @@ class EvalConfig:
             problems.append(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.dtype is not None and self.dtype not in _DTYPES:
             problems.append(f"dtype={self.dtype!r}: use one of {_DTYPES} (or null for the engine default)")
+        problems += self._sampling_problems(has_model)
         if problems:
             raise ValueError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
+
+    def _sampling_problems(self, has_model: bool) -> list[str]:
+        if self.samples == 0:
+            return []
+        problems = []
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
+            problems.append(f"samples={self.samples!r} must be 0 (off) or an integer >= 2 (majority voting needs K >= 2)")
+        if not self.sample_temperature > 0:
+            problems.append(f"sample_temperature={self.sample_temperature} must be > 0: greedy samples are all equal")
+        if not has_model:
+            problems.append("samples= needs model= (it samples new answers); scoring saved files cannot")
+        elif self.sample_models is not None:
+            try:
+                names = set(name_models(self.model))
+            except ValueError:
+                return problems  # the model names themselves are wrong: reported above
+            unknown = [name for name in self.sample_models if name not in names]
+            if unknown or not self.sample_models:
+                problems.append(f"sample_models={list(self.sample_models)} must name some of the models {sorted(names)}")
+        not_custom = [name for name in self.benchmarks if not name.startswith(CUSTOM_PREFIX)]
+        if not_custom:
+            problems.append(f"samples= supports custom benchmarks (custom:PATH.jsonl) only, not {not_custom}: "
+                            "their questions are scored one by one, so votes can be scored the same way")
+        return problems
 
     @property
     def new_tokens(self) -> int:
@@ -190,106 +233,46 @@ def benchmark_labels(names: list[str]) -> dict[str, str]:
     return labels
 
 
-def read_predictions(path: str | Path) -> dict[str, dict]:
-    """Read a predictions jsonl into {str(index): row}. Rows need ``index`` (int or str) and
-    ``prediction`` (str); blank lines are skipped. Raises ``ValueError`` naming file:line for a bad row
-    or a repeated index, ``FileNotFoundError`` when the file is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file {path} does not exist")
-    rows: dict[str, dict] = {}
-    lines_of: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error}); each line must be "
-                                 '{"index": ..., "prediction": "..."}') from error
-            if not isinstance(row, dict) or "index" not in row or "prediction" not in row:
-                raise ValueError(f'{where}: each line needs "index" and "prediction", got {line.strip()[:120]!r}')
-            if not isinstance(row["index"], (int, str)) or isinstance(row["index"], bool):
-                raise ValueError(f"{where}: index must be an int or a str, got {row['index']!r}")
-            if not isinstance(row["prediction"], str):
-                raise ValueError(f"{where}: prediction must be a str, got {type(row['prediction']).__name__}")
-            key = str(row["index"])
-            if key in rows:
-                raise ValueError(f"{where}: index {row['index']!r} already appeared on line {lines_of[key]}")
-            rows[key], lines_of[key] = row, number
-    return rows
-
-
-def append_predictions(path: Path, rows: list[dict]) -> None:
-    """Append rows as jsonl lines and flush them to disk (one call per batch)."""
-    with path.open("a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def _repair_tail(path: Path) -> None:
-    """Make the file end with a newline so appends start a new line: a last line cut mid-write (a run
-    killed while flushing) is dropped, a complete one merely lacking its newline is kept."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    try:
-        json.loads(data[cut:])
-        path.write_bytes(data + b"\n")
-    except ValueError:
-        path.write_bytes(data[:cut])
-
-
-def _settings_path(predictions_path: Path) -> Path:
-    return predictions_path.with_name(predictions_path.stem + ".settings.json")
-
-
-def pending_items(path: Path, items: list[Item], settings: dict) -> list[Item]:
-    """Items of ``items`` without a prediction in ``path`` (resume), after checking that the saved
-    predictions were made under the same ``settings``; writes the settings file next to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = _settings_path(path)
-    done: dict[str, dict] = {}
-    if path.is_file():
-        _repair_tail(path)
-        done = read_predictions(path)
-    if done and sidecar.is_file():
-        saved = json.loads(sidecar.read_text(encoding="utf-8"))
-        changed = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
-        if changed:
-            details = ", ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changed.items())
-            raise ValueError(f"{path} holds {len(done)} predictions made under other settings ({details}); "
-                             "use another output_dir, or delete the file to regenerate")
-    sidecar.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return [item for item in items if str(item.index) not in done]
+def _question_seed(seed: int, index) -> int:
+    """A question's own sampling seed from the run's seed and its index (stable across runs)."""
+    return zlib.crc32(f"{seed}:{index}".encode()) & 0x7FFFFFFF
 
 
 def generate_predictions(engine, spec: BenchmarkSpec, items: list[Item], path: Path, *, cot: bool,
                          max_new_tokens: int, max_tiles: int, batch_size: int, progress: bool = True,
-                         desc: str = "") -> tuple[int, int]:
+                         desc: str = "", sampling: tuple[int, float, int] | None = None) -> tuple[int, int]:
     """Greedy answers for ``items`` through ``engine.generate``, ``batch_size`` requests per call,
-    appended to ``path`` after each batch. Returns (questions generated, answers cut at max_new_tokens)."""
+    appended to ``path`` after each batch. Returns (questions generated, answers cut at max_new_tokens).
+
+    ``sampling=(k, temperature, seed)`` samples k answers per question instead, as
+    ``{"index", "samples", "finished"}`` rows; each question draws from its own seed (``Request.seed``),
+    so its samples do not depend on the batch it lands in or on a resume."""
     # Imported here so scoring-only runs and config errors do not pay for importing torch.
     from mpo.infer.engine import Request, SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    if sampling is None:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    else:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling[1], num_samples=sampling[0])
     num_truncated = 0
     with tqdm(total=len(items), desc=desc, unit=" questions", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             prompts = [build_prompt(item, spec, cot=cot) for item in batch]
             # Images are decoded per batch, so memory holds one batch of images, not the benchmark.
-            requests = [Request(prompt, images=item.load_images(), max_dynamic_patch=max_tiles)
+            requests = [Request(prompt, images=item.load_images(), max_dynamic_patch=max_tiles,
+                                seed=None if sampling is None else _question_seed(sampling[2], item.index))
                         for prompt, item in zip(prompts, batch)]
             outputs = engine.generate(requests, params)
             assert len(outputs) == len(batch), "engine returned a different number of answers than requests"
-            append_predictions(path, [
-                {"index": item.index, "prediction": out[0].text, "question": prompt, "finished": out[0].finished}
-                for item, prompt, out in zip(batch, prompts, outputs)
-            ])
-            num_truncated += sum(not out[0].finished for out in outputs)
+            if sampling is None:
+                rows = [{"index": item.index, "prediction": out[0].text, "question": prompt,
+                         "finished": out[0].finished} for item, prompt, out in zip(batch, prompts, outputs)]
+            else:
+                rows = [{"index": item.index, "samples": [o.text for o in out], "finished": [o.finished for o in out]}
+                        for item, out in zip(batch, outputs)]
+            append_predictions(path, rows)
+            num_truncated += sum(not o.finished for out in outputs for o in out[:1 if sampling is None else None])
             bar.update(len(batch))
     return len(items), num_truncated
 
@@ -308,48 +291,69 @@ def _check_model_dirs(models: dict[str, Path]) -> None:
                                     "pass the folder holding config.json and the weights")
 
 
+def _answer_files(cfg: EvalConfig, model_name: str) -> list[tuple[str, Callable, tuple[int, float, int] | None]]:
+    """(file suffix, reader, sampling) of each answer file ``model_name`` gets per benchmark."""
+    files = [("", read_predictions, None)]
+    if cfg.samples and (cfg.sample_models is None or model_name in cfg.sample_models):
+        files.append((".samples", read_samples, (cfg.samples, cfg.sample_temperature, cfg.sample_seed)))
+    return files
+
+
 def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[Item]]], out: Path,
-                  engine_factory, log: Log) -> dict[str, dict[str, dict]]:
+                  engine_factory, log: Log) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, dict]]]:
+    """Generate what is missing; return (greedy rows, sampled rows) as {model: {label: {index: row}}}
+    (the sampled ones empty unless ``cfg.samples``)."""
     models = name_models(cfg.model)
     _check_model_dirs(models)
     system_prompt = resolve_system_prompt(cfg.system_prompt)
     # Resume state and settings of every model are checked before the first model loads.
-    todo: dict[str, dict[str, list[Item]]] = {}
+    todo: dict[str, list[tuple[str, str, list[Item]]]] = {}
     for model_name, model_path in models.items():
-        todo[model_name] = {}
+        todo[model_name] = []
         for label, (spec, items) in tasks.items():
             settings = {"model": str(model_path.resolve()), "benchmark": spec.name, "cot": cfg.cot,
                         "max_new_tokens": cfg.new_tokens, "max_tiles": cfg.max_tiles or spec.max_tiles,
                         "system_prompt": system_prompt}
-            pending = pending_items(out / "predictions" / model_name / f"{label}.jsonl", items, settings)
-            todo[model_name][label] = pending
-            log(f"{model_name} / {label}: {len(items)} questions, already had {len(items) - len(pending)} "
-                f"predictions, generating {len(pending)}")
+            for suffix, reader, sampling in _answer_files(cfg, model_name):
+                extra = {} if sampling is None else dict(zip(("samples", "temperature", "seed"), sampling))
+                pending = pending_items(out / "predictions" / model_name / f"{label}{suffix}.jsonl", items,
+                                        {**settings, **extra}, reader)
+                todo[model_name].append((label, suffix, pending))
+                done = len(items) - len(pending)
+                log(f"{model_name} / {label}: {len(items)} questions, already had " + (
+                    f"{done} predictions, generating {len(pending)}" if sampling is None else
+                    f"{sampling[0]} samples of {done}, sampling {len(pending)}"))
     predictions: dict[str, dict[str, dict]] = {}
+    samples: dict[str, dict[str, dict]] = {}
     for model_name, model_path in models.items():
         model_dir = out / "predictions" / model_name
-        if any(todo[model_name].values()):  # a fully predicted model is not even loaded
+        if any(pending for _, _, pending in todo[model_name]):  # a fully predicted model is not even loaded
             engine = engine_factory(model_path, cfg)
-            for label, items in todo[model_name].items():
+            sampling_of = {suffix: sampling for suffix, _, sampling in _answer_files(cfg, model_name)}
+            for label, suffix, items in todo[model_name]:
                 if not items:
                     continue
                 spec = tasks[label][0]
                 started = time.perf_counter()
                 count, truncated = generate_predictions(
-                    engine, spec, items, model_dir / f"{label}.jsonl", cot=cfg.cot, max_new_tokens=cfg.new_tokens,
-                    max_tiles=cfg.max_tiles or spec.max_tiles, batch_size=cfg.batch_size, progress=cfg.progress,
-                    desc=f"{model_name}/{label}")
+                    engine, spec, items, model_dir / f"{label}{suffix}.jsonl", cot=cfg.cot,
+                    max_new_tokens=cfg.new_tokens, max_tiles=cfg.max_tiles or spec.max_tiles,
+                    batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{model_name}/{label}{suffix}",
+                    sampling=sampling_of[suffix])
                 seconds = time.perf_counter() - started
                 # Cut answers usually mean a CoT budget too small for the reasoning: they score as wrong.
                 cut = f"; {truncated} hit max_new_tokens={cfg.new_tokens}" if truncated else ""
-                log(f"{model_name} / {label}: generated {count} in {seconds:.1f} s "
+                what = f" ({cfg.samples} samples each)" if suffix else ""
+                log(f"{model_name} / {label}: generated {count}{what} in {seconds:.1f} s "
                     f"({count / max(seconds, 1e-9):.2f} questions/s){cut}")
             del engine
             from mpo.model.load import free_memory  # torch is loaded by now: the engine needed it
 
             free_memory()
         predictions[model_name] = {label: read_predictions(model_dir / f"{label}.jsonl") for label in tasks}
-    return predictions
+        if len(_answer_files(cfg, model_name)) > 1:
+            samples[model_name] = {label: read_samples(model_dir / f"{label}.samples.jsonl") for label in tasks}
+    return predictions, samples
 
 
 def _prediction_sources(cfg: EvalConfig, labels: list[str]) -> dict[str, dict[str, Path]]:
@@ -388,7 +392,7 @@ def _read_sources(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
             if rows and not any(str(item.index) in rows for item in items):
                 raise ValueError(f"none of the {len(rows)} predictions in {path} matches an index of {label}; "
                                  "is it the right file for this benchmark?")
-            sidecar = _settings_path(path)
+            sidecar = settings_path(path)
             if sidecar.is_file():
                 saved = json.loads(sidecar.read_text(encoding="utf-8")).get("cot")
                 if saved is not None and saved != cfg.cot:
@@ -420,8 +424,9 @@ def run_evaluation(cfg: EvalConfig, *, engine_factory: Callable | None = None,
     for label, name in benchmark_labels(list(cfg.benchmarks)).items():
         items = load_benchmark(name, cfg.data_root)
         tasks[label] = (get_benchmark(name), items[:cfg.limit] if cfg.limit else items)
+    samples: dict[str, dict[str, dict]] = {}
     if _given(cfg.model):
-        predictions = _generate_all(cfg, tasks, out, engine_factory or _load_engine, log)
+        predictions, samples = _generate_all(cfg, tasks, out, engine_factory or _load_engine, log)
     else:
         predictions = _read_sources(cfg, tasks, log)
     results = {
@@ -430,6 +435,12 @@ def run_evaluation(cfg: EvalConfig, *, engine_factory: Callable | None = None,
                 for label, rows in by_label.items()}
         for model, by_label in predictions.items()
     }
+    for model, by_label in samples.items():
+        for label, rows in by_label.items():
+            results[model][label]["self_consistency"] = dict(self_consistency(
+                tasks[label][1], {key: row["prediction"] for key, row in predictions[model][label].items()},
+                {key: row["samples"] for key, row in rows.items()}, cot=cfg.cot),
+                temperature=cfg.sample_temperature)
     paths = write_results(out, results)
     for model, by_label in results.items():
         log(f"{model}: " + ", ".join(f"{label} {scores['overall']:.1f}" for label, scores in by_label.items()))

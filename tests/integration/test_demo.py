@@ -61,6 +61,12 @@ def test_quick_demo_report_json(quick_demo):
         assert 0 <= value <= 100
     for value in priors["modal_answer_share"].values():  # at least one question per kind is its modal answer
         assert value * QUICK.num_test / 100 >= len(report["accuracy_by_kind"]["sft"]) - 0.01
+    consistency = report["self_consistency"]  # the SFT model samples 2 answers per held-out question (quick)
+    assert set(consistency) == {"sft"}
+    for name, scores in consistency.items():
+        assert scores["k"] == QUICK.consistency_samples and scores["num_items"] == QUICK.num_test
+        assert scores["greedy"] == pytest.approx(report["accuracy"][name], abs=0.01)
+        assert 0 <= scores["mean"] <= scores["pass"] <= 100 and scores["majority"] <= scores["pass"]
     pairs = report["pairs"]
     assert pairs["questions"] == QUICK.num_build
     assert pairs["num_pairs"] == sum(pairs["pairs"].values()) > 0
@@ -99,12 +105,17 @@ def test_quick_demo_stage_outputs(quick_demo):
     for name in EVAL_MODELS:
         predictions = (out / "eval" / "predictions" / name / "synthetic.jsonl").read_text().splitlines()
         assert len(predictions) == QUICK.num_test
+    samples = [json.loads(line) for line in
+               (out / "eval" / "predictions" / "sft" / "synthetic.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == QUICK.num_test and all(len(row["samples"]) == QUICK.consistency_samples for row in samples)
+    assert not (out / "eval" / "predictions" / "mpo" / "synthetic.samples.jsonl").exists()
 
 
 def test_quick_demo_markdown_plots_and_commands(quick_demo):
     out, _ = quick_demo
     text = (out / "report.md").read_text()
-    for needle in ("## Held-out accuracy", "| SFT |", "| MPO |", "### Against answer priors", "## Preference pairs",
+    for needle in ("## Held-out accuracy", "| SFT |", "| MPO |", "### Against answer priors",
+                   "### What sharpening could gain", "## Preference pairs",
                    "## Time per stage",
                    "(sft_curves.png)", "(mpo_curves.png)", "(accuracy.png)"):
         assert needle in text
@@ -131,7 +142,7 @@ def test_separate_processes_give_the_same_outputs(quick_demo, tmp_path):
                     "pairs/meta.json", "eval/results.json"):
         assert (out / weights).read_bytes() == (other / weights).read_bytes(), weights
     mine, theirs = (json.loads((d / "report.json").read_text()) for d in (out, other))
-    for key in ("accuracy", "accuracy_by_kind", "pairs", "training", "answer_priors", "table"):
+    for key in ("accuracy", "accuracy_by_kind", "pairs", "training", "answer_priors", "self_consistency", "table"):
         assert mine[key] == theirs[key], key
 
 
@@ -166,11 +177,13 @@ def test_overwrite_removes_only_demo_outputs(tmp_path):
 
 def test_settings_validation_lists_every_problem():
     with pytest.raises(ValueError) as err:
-        DemoSettings(num_test=0, samples_per_question=1, dropout_ntp_share=1.5, temperature=0.0, sft_steps=0)
+        DemoSettings(num_test=0, samples_per_question=1, dropout_ntp_share=1.5, temperature=0.0, sft_steps=0,
+                     consistency_samples=1)
     message = str(err.value)
     for needle in ("num_test=0", "samples_per_question must be >= 2", "dropout_ntp_share=1.5", "temperature=0.0",
-                   "sft_steps=0"):
+                   "sft_steps=0", "consistency_samples=1 must be 0 (off) or an integer >= 2"):
         assert needle in message
+    assert DemoSettings(consistency_samples=0).consistency_samples == 0  # off: greedy evaluation only
     assert PRESETS["quick"].num_test < PRESETS["full"].num_test
 
 
