@@ -19,8 +19,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from mpo.demo_plots import plot_accuracy, plot_mpo, plot_sft
 
 EVAL_MODELS = ("sft", "mpo", "mpo_awq")
 MODEL_LABELS = {"sft": "SFT", "mpo": "MPO", "mpo_awq": "MPO-AWQ (4-bit)"}
@@ -281,58 +280,6 @@ def _timings_table(timings: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _plot_sft(rows: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(5, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r.get("loss_sft") for r in rows])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("NLL per response token")
-    ax.set_title("SFT loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _plot_mpo(rows: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(13, 3.8))
-    FigureCanvasAgg(fig)
-    losses, rewards, acc = fig.subplots(1, 3)
-    steps = [r["step"] for r in rows]
-    for key, label in (("loss", "total"), ("loss_dpo", "DPO (preference)"), ("loss_bco", "BCO (quality)"),
-                       ("loss_sft", "SFT (generation)")):
-        losses.plot(steps, [r.get(key) for r in rows], label=label)
-    losses.set_title("MPO losses")
-    for key, label in (("rewards_chosen", "chosen β·Δlogp"), ("rewards_rejected", "rejected β·Δlogp"),
-                       ("reward_margin", "margin"), ("delta", "reward shift δ")):
-        rewards.plot(steps, [r.get(key) for r in rows], label=label)
-    rewards.axhline(0.0, color="grey", linewidth=0.5)
-    rewards.set_title("implicit rewards")
-    acc.plot(steps, [r.get("reward_accuracy") for r in rows])
-    acc.set_ylim(0, 1)
-    acc.set_title("reward accuracy (chosen > rejected)")
-    for ax in (losses, rewards, acc):
-        ax.set_xlabel("optimizer step")
-    losses.legend(fontsize=8)
-    rewards.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _plot_accuracy(overall: dict[str, float], path: Path) -> None:
-    fig = Figure(figsize=(5, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    names = list(EVAL_MODELS)
-    bars = ax.bar([MODEL_LABELS[n] for n in names], [overall[n] for n in names], color=["#888", "#2a7", "#27a"])
-    for bar, name in zip(bars, names):
-        ax.annotate(f"{overall[name]:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_ylim(0, 100)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: dict[str, float]) -> dict:
     """Write report.json, report.md and the PNGs into ``out_dir``; return the report dict."""
     results = _read_json(out_dir / "eval" / "results.json")
@@ -361,9 +308,9 @@ def write_report(out_dir: Path, *, seed: int, device: str, settings, timings: di
         "timings_s": timings,
         "table": table,
     }
-    _plot_sft(sft_rows, out_dir / "sft_curves.png")
-    _plot_mpo(mpo_rows, out_dir / "mpo_curves.png")
-    _plot_accuracy(overall, out_dir / "accuracy.png")
+    plot_sft(sft_rows, out_dir / "sft_curves.png")
+    plot_mpo(mpo_rows, out_dir / "mpo_curves.png")
+    plot_accuracy(overall, MODEL_LABELS, out_dir / "accuracy.png")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(_markdown(report, by_kind, pairs, timings), encoding="utf-8")
     return report

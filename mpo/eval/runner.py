@@ -46,6 +46,7 @@ from mpo.eval.benchmarks import (
     load_benchmark,
 )
 from mpo.eval.consistency import self_consistency
+from mpo.eval.naming import as_named_paths, benchmark_labels, name_models
 from mpo.eval.prediction_files import (
     append_predictions,
     pending_items,
@@ -185,54 +186,6 @@ def resolve_system_prompt(setting: str) -> str | None:
     return setting or None
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Directory (or file) names; names shared by several paths get their parent's name prefixed
-    ("a-final", "b-final"), and any remaining clash a numeric suffix."""
-    names = [path.name for path in paths]
-    names = [f"{path.parent.name}-{name}" if names.count(name) > 1 and path.parent.name else name
-             for path, name in zip(paths, names)]
-    unique: list[str] = []
-    for name in names:
-        candidate, number = name, 2
-        while candidate in unique:
-            candidate, number = f"{name}_{number}", number + 1
-        unique.append(candidate)
-    return unique
-
-
-def _as_named_paths(value, naming: Callable[[Path], Path] = lambda p: p) -> dict[str, Path]:
-    """A path, list of paths or {name: path} → {name: path}; list names come from ``naming(path)``."""
-    if isinstance(value, dict):
-        bad = [name for name in value if not str(name) or str(name) in (".", "..") or "/" in str(name)]
-        if bad:
-            raise ValueError(f"names {bad} cannot be folder names; use plain names such as {{base: DIR, mpo: DIR}}")
-        return {str(name): Path(path).expanduser() for name, path in value.items()}
-    paths = [Path(p).expanduser() for p in ([value] if isinstance(value, str) else value)]
-    return dict(zip(_unique_names([naming(p.resolve()) for p in paths]), paths))
-
-
-def name_models(model) -> dict[str, Path]:
-    """``model`` (a path, list of paths or {name: path}) → {model_name: checkpoint dir}; names are the
-    directory names, de-duplicated (see :func:`_unique_names`)."""
-    return _as_named_paths(model)
-
-
-def benchmark_labels(names: list[str]) -> dict[str, str]:
-    """Label (file and results key) → benchmark name: the registered name, or a custom file's stem
-    ("custom_" prefixed when the stem is a registered name; "_2", … appended on a clash)."""
-    labels: dict[str, str] = {}
-    for name in names:
-        base = name
-        if name.startswith(CUSTOM_PREFIX):
-            base = Path(name[len(CUSTOM_PREFIX):]).stem
-            base = f"custom_{base}" if base in BENCHMARKS else base
-        label, number = base, 2
-        while label in labels:
-            label, number = f"{base}_{number}", number + 1
-        labels[label] = name
-    return labels
-
-
 def _question_seed(seed: int, index) -> int:
     """A question's own sampling seed from the run's seed and its index (stable across runs)."""
     return zlib.crc32(f"{seed}:{index}".encode()) & 0x7FFFFFFF
@@ -360,7 +313,7 @@ def _prediction_sources(cfg: EvalConfig, labels: list[str]) -> dict[str, dict[st
     """predictions= entries → {name: {label: jsonl}}. A file serves the single benchmark; a directory
     holds ``{label}.jsonl`` per benchmark (e.g. a previous run's predictions/{model_name})."""
     # A file named after its benchmark (predictions/MODEL/mmstar.jsonl) is named after its folder.
-    entries = _as_named_paths(
+    entries = as_named_paths(
         cfg.predictions, lambda p: (p.parent if p.stem in labels else p.with_suffix("")) if p.is_file() else p)
     sources: dict[str, dict[str, Path]] = {}
     for name, path in entries.items():
