@@ -25,7 +25,7 @@ python3 - "$D" "$seed" "$OUT/demo_awq_gap_seed$seed.json" <<'PY'
 import json, sys
 from pathlib import Path
 from mpo.eval.paired import paired_comparison
-from mpo.eval.runner import read_predictions
+from mpo.eval.prediction_files import read_predictions
 from mpo.eval.scorers import custom_item_values
 from mpo.eval.benchmarks import load_benchmark
 root, seed, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -135,7 +135,7 @@ def modal_answer_share(kinds: list[str], answers: list[str | None]) -> float:
 def read_predictions(out_dir: Path) -> dict[str, dict[str, dict]]:
     """Each evaluated model's held-out predictions, ``{model: {str(index): row}}`` (read once, used by
     the answer priors and the paired comparisons)."""
-    from mpo.eval.runner import read_predictions as read_file
+    from mpo.eval.prediction_files import read_predictions as read_file
 
     out = {}
     for name in EVAL_MODELS:

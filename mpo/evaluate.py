@@ -6,7 +6,7 @@
     python -m mpo.evaluate model=runs/tiny/final 'benchmarks=[custom:/data/synth/test/synthetic.jsonl]' limit=20
     python -m mpo.evaluate model=runs/tiny/final 'benchmarks=[custom:/data/synth/test/synthetic.jsonl]' cot=true samples=8
 
-Keys (configs/evaluate.yaml, typed by mpo.eval.runner.EvalConfig, so a misspelt key fails): model,
+Keys (configs/evaluate.yaml, typed by mpo.eval.config.EvalConfig, so a misspelt key fails): model,
 benchmarks, data_root, output_dir, predictions, cot, max_new_tokens, batch_size, limit, device, dtype,
 system_prompt, max_tiles, progress, samples, sample_temperature, sample_seed (samples=K also samples K
 answers per question of a custom benchmark and reports mean@K, maj@K and pass@K beside the greedy score).
@@ -23,7 +23,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mpo.eval.runner import EvalConfig, run_evaluation
+from mpo.eval.config import EvalConfig
+from mpo.eval.runner import run_evaluation
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "evaluate.yaml"
 USAGE_ERROR = 2

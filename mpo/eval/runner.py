@@ -25,26 +25,16 @@ agree); a custom benchmark ``custom:PATH.jsonl`` is named after the file's stem.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from mpo.eval.benchmarks import (
-    BENCHMARKS,
-    CUSTOM_PREFIX,
-    BenchmarkSpec,
-    Item,
-    build_prompt,
-    get_benchmark,
-    load_benchmark,
-)
+from mpo.eval.benchmarks import BenchmarkSpec, Item, build_prompt, get_benchmark, load_benchmark
+from mpo.eval.config import EvalConfig, given, resolve_system_prompt
 from mpo.eval.consistency import self_consistency
 from mpo.eval.naming import as_named_paths, benchmark_labels, name_models
 from mpo.eval.prediction_files import (
@@ -59,131 +49,11 @@ from mpo.eval.scorers import score
 
 __all__ = ["EvalConfig", "benchmark_labels", "name_models", "pending_items", "read_predictions", "run_evaluation"]
 
-COT_MAX_NEW_TOKENS = 1024  # room for step-by-step reasoning before "Final answer:"
-DIRECT_MAX_NEW_TOKENS = 64  # a letter, a word or a short phrase
-_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
 Log = Callable[[str], None]
 
 
 def _print_log(message: str) -> None:
     print(message, flush=True)
-
-
-@dataclass
-class EvalConfig:
-    """One evaluation run (the schema behind configs/evaluate.yaml)."""
-
-    model: Any = None  # checkpoint dir (bf16 or AWQ), a list of dirs, or {name: dir}
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))  # names or custom:PATH.jsonl
-    data_root: str | None = None  # folder of VLMEvalKit TSVs; None = $LMUData, else ~/LMUData
-    output_dir: str = "outputs/eval"
-    predictions: Any = None  # score only: a jsonl (one benchmark), a dir of {benchmark}.jsonl, a list, or {name: path}
-    cot: bool = False  # MPO chain-of-thought prompt; answers parsed after "Final answer:"
-    max_new_tokens: int | None = None  # None = 1024 with cot, 64 without
-    batch_size: int = 8  # requests per Engine.generate call (also how often predictions are flushed)
-    max_batch_rows: int = 64  # most answers the engine decodes at once (KV cache memory grows with it)
-    limit: int | None = None  # first N items of each benchmark (smoke runs)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str | None = None  # None = engine default (bf16 on GPU, fp32 on CPU)
-    system_prompt: str = "default"  # "default" = InternVL2.5's; "" = no system turn; else the text
-    max_tiles: int | None = None  # None = each benchmark's default (6; 12 MMMU; 24 OCRBench)
-    progress: bool = True  # tqdm bar with questions/s
-    samples: int = 0  # K >= 2: also sample K answers per question (custom benchmarks): mean@K, maj@K, pass@K
-    sample_temperature: float = 0.7  # temperature of those samples
-    sample_seed: int = 0  # seed of those samples (each question's own stream: batching and resume keep them)
-    sample_models: list[str] | None = None  # names (as in the report) of the models that sample; None = all
-
-    def __post_init__(self):
-        problems = []
-        has_model, has_predictions = _given(self.model), _given(self.predictions)
-        if has_model and has_predictions:
-            problems.append("set either model= (generate and score) or predictions= (score existing files), not both")
-        elif isinstance(self.model, (list, tuple, dict)) and not self.model:
-            problems.append("model is an empty list: give at least one checkpoint dir, e.g. model=DIR or "
-                            "model=[DIR1,DIR2]")
-        elif not has_model and not has_predictions:
-            problems.append("nothing to evaluate: set model=DIR (or model=[DIR1,DIR2]) to generate predictions, "
-                            "or predictions=FILE.jsonl to score existing ones")
-        for key in ("model", "predictions"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (str, list, tuple, dict)):
-                problems.append(f"{key} must be a path, a list of paths or a {{name: path}} mapping, got {value!r}")
-            elif isinstance(value, (list, tuple, dict)) and value and not all(
-                    isinstance(v, str) and v for v in (value.values() if isinstance(value, dict) else value)):
-                problems.append(f"{key} entries must be non-empty paths, got {value!r}")
-        self.benchmarks = [str(b) for b in ([self.benchmarks] if isinstance(self.benchmarks, str)
-                                            else self.benchmarks or [])]
-        if not self.benchmarks:
-            problems.append(f"benchmarks is empty: pick from {sorted(BENCHMARKS)} or custom:PATH.jsonl")
-        for name in self.benchmarks:
-            try:
-                get_benchmark(str(name))
-            except ValueError as error:
-                problems.append(str(error))
-        duplicates = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})
-        if duplicates:
-            problems.append(f"benchmarks lists {duplicates} more than once")
-        for key in ("max_new_tokens", "limit", "max_tiles"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                problems.append(f"{key}={value} must be >= 1 (or null for the default)")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if self.max_batch_rows < 1:
-            problems.append(f"max_batch_rows={self.max_batch_rows} must be >= 1")
-        if not _DEVICE_RE.fullmatch(self.device):
-            problems.append(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            problems.append(f"dtype={self.dtype!r}: use one of {_DTYPES} (or null for the engine default)")
-        problems += self._sampling_problems(has_model)
-        if problems:
-            raise ValueError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
-
-    def _sampling_problems(self, has_model: bool) -> list[str]:
-        if self.samples == 0:
-            return []
-        problems = []
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
-            problems.append(f"samples={self.samples!r} must be 0 (off) or an integer >= 2 (majority voting needs K >= 2)")
-        if not self.sample_temperature > 0:
-            problems.append(f"sample_temperature={self.sample_temperature} must be > 0: greedy samples are all equal")
-        if not has_model:
-            problems.append("samples= needs model= (it samples new answers); scoring saved files cannot")
-        elif self.sample_models is not None:
-            try:
-                names = set(name_models(self.model))
-            except ValueError:
-                return problems  # the model names themselves are wrong: reported above
-            unknown = [name for name in self.sample_models if name not in names]
-            if unknown or not self.sample_models:
-                problems.append(f"sample_models={list(self.sample_models)} must name some of the models {sorted(names)}")
-        not_custom = [name for name in self.benchmarks if not name.startswith(CUSTOM_PREFIX)]
-        if not_custom:
-            problems.append(f"samples= supports custom benchmarks (custom:PATH.jsonl) only, not {not_custom}: "
-                            "their questions are scored one by one, so votes can be scored the same way")
-        return problems
-
-    @property
-    def new_tokens(self) -> int:
-        """max_new_tokens with its cot-dependent default applied."""
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        return COT_MAX_NEW_TOKENS if self.cot else DIRECT_MAX_NEW_TOKENS
-
-
-def _given(value) -> bool:
-    return value is not None and value != "" and not (isinstance(value, (list, tuple, dict)) and not value)
-
-
-def resolve_system_prompt(setting: str) -> str | None:
-    """"default" → InternVL2.5's system prompt; "" → None (no system turn); anything else as written."""
-    if setting == "default":
-        from mpo.model.tokenizer import INTERNVL25_SYSTEM_PROMPT
-
-        return INTERNVL25_SYSTEM_PROMPT
-    return setting or None
 
 
 def _question_seed(seed: int, index) -> int:
@@ -225,7 +95,7 @@ def generate_predictions(engine, spec: BenchmarkSpec, items: list[Item], path: P
                 rows = [{"index": item.index, "samples": [o.text for o in out], "finished": [o.finished for o in out]}
                         for item, out in zip(batch, outputs)]
             append_predictions(path, rows)
-            num_truncated += sum(not o.finished for out in outputs for o in out[:1 if sampling is None else None])
+            num_truncated += sum(not o.finished for out in outputs for o in out)
             bar.update(len(batch))
     return len(items), num_truncated
 
@@ -244,12 +114,17 @@ def _check_model_dirs(models: dict[str, Path]) -> None:
                                     "pass the folder holding config.json and the weights")
 
 
+def _sampling(cfg: EvalConfig, model_name: str) -> tuple[int, float, int] | None:
+    """(K, temperature, seed) when ``model_name`` samples answers (``samples=K``), else None."""
+    if cfg.samples and (cfg.sample_models is None or model_name in cfg.sample_models):
+        return cfg.samples, cfg.sample_temperature, cfg.sample_seed
+    return None
+
+
 def _answer_files(cfg: EvalConfig, model_name: str) -> list[tuple[str, Callable, tuple[int, float, int] | None]]:
     """(file suffix, reader, sampling) of each answer file ``model_name`` gets per benchmark."""
-    files = [("", read_predictions, None)]
-    if cfg.samples and (cfg.sample_models is None or model_name in cfg.sample_models):
-        files.append((".samples", read_samples, (cfg.samples, cfg.sample_temperature, cfg.sample_seed)))
-    return files
+    sampling = _sampling(cfg, model_name)
+    return [("", read_predictions, None)] + ([(".samples", read_samples, sampling)] if sampling else [])
 
 
 def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[Item]]], out: Path,
@@ -260,7 +135,7 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
     _check_model_dirs(models)
     system_prompt = resolve_system_prompt(cfg.system_prompt)
     # Resume state and settings of every model are checked before the first model loads.
-    todo: dict[str, list[tuple[str, str, list[Item]]]] = {}
+    todo: dict[str, list[tuple[str, str, tuple[int, float, int] | None, list[Item]]]] = {}
     for model_name, model_path in models.items():
         todo[model_name] = []
         for label, (spec, items) in tasks.items():
@@ -271,7 +146,7 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
                 extra = {} if sampling is None else dict(zip(("samples", "temperature", "seed"), sampling))
                 pending = pending_items(out / "predictions" / model_name / f"{label}{suffix}.jsonl", items,
                                         {**settings, **extra}, reader)
-                todo[model_name].append((label, suffix, pending))
+                todo[model_name].append((label, suffix, sampling, pending))
                 done = len(items) - len(pending)
                 log(f"{model_name} / {label}: {len(items)} questions, already had " + (
                     f"{done} predictions, generating {len(pending)}" if sampling is None else
@@ -280,10 +155,9 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
     samples: dict[str, dict[str, dict]] = {}
     for model_name, model_path in models.items():
         model_dir = out / "predictions" / model_name
-        if any(pending for _, _, pending in todo[model_name]):  # a fully predicted model is not even loaded
+        if any(pending for *_, pending in todo[model_name]):  # a fully predicted model is not even loaded
             engine = engine_factory(model_path, cfg)
-            sampling_of = {suffix: sampling for suffix, _, sampling in _answer_files(cfg, model_name)}
-            for label, suffix, items in todo[model_name]:
+            for label, suffix, sampling, items in todo[model_name]:
                 if not items:
                     continue
                 spec = tasks[label][0]
@@ -292,11 +166,11 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
                     engine, spec, items, model_dir / f"{label}{suffix}.jsonl", cot=cfg.cot,
                     max_new_tokens=cfg.new_tokens, max_tiles=cfg.max_tiles or spec.max_tiles,
                     batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{model_name}/{label}{suffix}",
-                    sampling=sampling_of[suffix])
+                    sampling=sampling)
                 seconds = time.perf_counter() - started
                 # Cut answers usually mean a CoT budget too small for the reasoning: they score as wrong.
                 cut = f"; {truncated} hit max_new_tokens={cfg.new_tokens}" if truncated else ""
-                what = f" ({cfg.samples} samples each)" if suffix else ""
+                what = f" ({sampling[0]} samples each)" if sampling else ""
                 log(f"{model_name} / {label}: generated {count}{what} in {seconds:.1f} s "
                     f"({count / max(seconds, 1e-9):.2f} questions/s){cut}")
             del engine
@@ -304,7 +178,7 @@ def _generate_all(cfg: EvalConfig, tasks: dict[str, tuple[BenchmarkSpec, list[It
 
             free_memory()
         predictions[model_name] = {label: read_predictions(model_dir / f"{label}.jsonl") for label in tasks}
-        if len(_answer_files(cfg, model_name)) > 1:
+        if _sampling(cfg, model_name):
             samples[model_name] = {label: read_samples(model_dir / f"{label}.samples.jsonl") for label in tasks}
     return predictions, samples
 
@@ -378,7 +252,7 @@ def run_evaluation(cfg: EvalConfig, *, engine_factory: Callable | None = None,
         items = load_benchmark(name, cfg.data_root)
         tasks[label] = (get_benchmark(name), items[:cfg.limit] if cfg.limit else items)
     samples: dict[str, dict[str, dict]] = {}
-    if _given(cfg.model):
+    if given(cfg.model):
         predictions, samples = _generate_all(cfg, tasks, out, engine_factory or _load_engine, log)
     else:
         predictions = _read_sources(cfg, tasks, log)
